@@ -1,0 +1,672 @@
+"""Knowledge distillation of a hybrid student from its Transformer teacher (the `distill` stage's library).
+
+One readable loop in the torchtune KD-recipe shape: `Distiller.setup()` builds everything,
+`Distiller.train()` runs the optimizer steps, `Distiller.save_checkpoint()` writes a resumable checkpoint.
+
+Loss, per optimizer step, over the speech-target positions only (speech tokens and eos; sos, text and
+padding are masked out — MambaInLlama's unmasked `batchmean` KL averages over padding and prompt, we don't):
+
+    loss = (kl_weight · T² · Σ KL(p_teacher^T ‖ p_student^T) + ce_weight · Σ CE(student, ground truth)) / N
+
+with N the number of target tokens of the whole *global* batch (all micro-batches of the step, all ranks),
+the same normalisation as CosyVoice's own loss (summed CE ÷ target count). Teacher logits are computed on
+the fly by a frozen teacher in eval mode under `no_grad`.
+
+Batching: utterances cost 2+T+S tokens (sos, text, task_id, speech); `token_batches` forms batches of at most
+`batch_tokens` such tokens with length bucketing, from a generator seeded by (seed, epoch). Under DDP every
+rank builds the same global batches and takes the slice `batch[rank::world]`; the loss is divided by the
+global target count (known to every rank, because every rank holds the global batch) and multiplied by the
+world size, so DDP's gradient *average* equals the single-process gradient of the same global batch.
+
+Run state on disk (`DIR` is the --out directory):
+    DIR.partial/                         in-progress run (only rank 0 writes)
+        run.json                         the hyper-parameters a resume must match
+        metrics.jsonl                    one JSON object a line: train steps and validation evals
+        checkpoints/step-NNNNNN/         config.yaml, model.safetensors, manifest.json (a model directory),
+                                         trainer_state.pt (optimizer, schedule step, RNG, data position;
+                                         plain tensors/lists/dicts, loadable with weights_only=True),
+                                         COMPLETE (written last; a checkpoint without it is ignored)
+    DIR/                                 the finished run (written via `staged_output`, then DIR.partial is
+                                         removed): config.yaml, model.safetensors, manifest.json,
+                                         metrics.jsonl, loss.png, checkpoints/ (hard links into the partial)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mamtra_cli.data_manifest import Utterance
+from mamtra_cli.errors import UserError
+from mamtra_cli.models.speech_lm import IGNORE_ID, SpeechLM
+from mamtra_cli.scoring import pad_batch
+
+SCHEDULES = ("cosine", "constant", "linear")
+TRAINER_STATE_FILE = "trainer_state.pt"
+COMPLETE_MARKER = "COMPLETE"
+METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "run.json"
+PLOT_FILE = "loss.png"
+
+
+# ----------------------------------------------------------------------------------------------- loss
+def speech_logits(lm: SpeechLM, text, text_lens, speech, speech_lens) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the speech-target positions only → (logits (N, C), targets (N,)).
+
+    text (B, T_max), speech (B, S_max) right-padded, *_lens (B,). The decoder is applied to the N target
+    positions alone, so the (B, L, C) logits of text and padding positions are never materialised
+    (C is 6564 for CosyVoice 2)."""
+    embeds, _, targets = lm.unistream_inputs(text, text_lens, speech, speech_lens)
+    hidden = lm.backbone(embeds)  # (B, L, H)
+    valid = targets != IGNORE_ID  # (B, L)
+    return lm.llm_decoder(hidden[valid]), targets[valid]
+
+
+class SpeechTargetLogits(nn.Module):
+    """`speech_logits` as a module, so that DDP can wrap the student's whole forward."""
+
+    def __init__(self, lm: SpeechLM):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, text, text_lens, speech, speech_lens):
+        return speech_logits(self.lm, text, text_lens, speech, speech_lens)
+
+
+def kd_loss_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                  temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed forward KL(teacher ‖ student) at temperature T (without the T² factor) and summed CE to the
+    ground truth, over the positions whose target is not IGNORE_ID.
+
+    student_logits, teacher_logits: (..., C); targets: (...) with IGNORE_ID where there is no target.
+    Returns (kl_sum, ce_sum), float32 scalars."""
+    valid = targets != IGNORE_ID
+    s = student_logits[valid].float()  # (N, C)
+    t = teacher_logits[valid].float()
+    t_logp = (t / temperature).log_softmax(-1)
+    s_logp = (s / temperature).log_softmax(-1)
+    kl_sum = (t_logp.exp() * (t_logp - s_logp)).sum()
+    ce_sum = F.cross_entropy(s, targets[valid], reduction="sum")
+    return kl_sum, ce_sum
+
+
+def kd_loss(kl_sum: torch.Tensor, ce_sum: torch.Tensor, num_tokens: int, kl_weight: float, ce_weight: float,
+            temperature: float) -> torch.Tensor:
+    """The distillation loss of one step: (kl_weight·T²·kl_sum + ce_weight·ce_sum) / num_tokens."""
+    return (kl_weight * temperature ** 2 * kl_sum + ce_weight * ce_sum) / max(num_tokens, 1)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def utterance_tokens(u: Utterance) -> int:
+    """Input tokens of one utterance in the unistream layout: sos + text + task_id + speech."""
+    return 2 + len(u.text_tokens) + len(u.speech_tokens)
+
+
+def target_tokens(u: Utterance) -> int:
+    """Targets of one utterance: its speech tokens and eos."""
+    return len(u.speech_tokens) + 1
+
+
+def token_batches(lengths: list[int], batch_tokens: int, seed: int, epoch: int,
+                  pool_size: int = 1024) -> list[list[int]]:
+    """Dynamic batches of utterance indices for one epoch, the same on every rank.
+
+    Shuffle with a generator seeded by (seed, epoch); cut the permutation into pools of `pool_size`
+    utterances; sort each pool by length (stable, so ties keep the random order) and cut it greedily into
+    batches whose summed length stays ≤ batch_tokens (an utterance longer than that is a batch of its own);
+    finally shuffle the batch order. Sorting inside pools keeps padding small (length bucketing) while
+    pools keep epochs different from each other."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(len(lengths), generator=gen).tolist()
+    batches: list[list[int]] = []
+    for start in range(0, len(perm), pool_size):
+        pool = sorted(perm[start:start + pool_size], key=lambda i: lengths[i])
+        current, used = [], 0
+        for i in pool:
+            if current and used + lengths[i] > batch_tokens:
+                batches.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += lengths[i]
+        if current:
+            batches.append(current)
+    order = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[j] for j in order]
+
+
+def rank_slice(global_batch: list[int], rank: int, world: int) -> list[int]:
+    """This rank's share of a global batch (sorted by length, so strided slices are balanced)."""
+    return global_batch[rank::world]
+
+
+# ----------------------------------------------------------------------------------------------- schedule
+def lr_at(step: int, base_lr: float, warmup: int, total_steps: int, schedule: str) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup over `warmup` steps from
+    base_lr/warmup to base_lr, then `constant`, `linear` decay to 0 at total_steps, or `cosine` decay to 0."""
+    if schedule not in SCHEDULES:
+        raise UserError(f"Unknown --schedule {schedule!r}; use one of {', '.join(SCHEDULES)}.")
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    if schedule == "constant":
+        return base_lr
+    decay_steps = max(total_steps - warmup, 1)
+    progress = min(max(step - warmup, 0) / decay_steps, 1.0)
+    if schedule == "linear":
+        return base_lr * (1.0 - progress)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------- selection
+def select_trainable(model: nn.Module, train: str) -> list[str]:
+    """Set requires_grad by --train: `mamba` (names containing `.mamba.`), `all`, or an fnmatch glob over
+    parameter names. Returns the trainable names; no match is a UserError."""
+    names = [n for n, _ in model.named_parameters()]
+    if train == "all":
+        chosen = set(names)
+    elif train == "mamba":
+        chosen = {n for n in names if ".mamba." in n}
+        if not chosen:
+            raise UserError("--train mamba selects nothing: the student has no Mamba layers; "
+                            "pass a student made by `mamtra transfer`, or use --train all.")
+    else:
+        chosen = {n for n in names if fnmatch.fnmatchcase(n, train)}
+        if not chosen:
+            raise UserError(f"--train {train!r} matches no parameter name (names look like "
+                            f"{names[0]!r}, 'backbone.layers.0.mamba.in_proj.weight'); fix the glob.")
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in chosen)
+    return [n for n in names if n in chosen]
+
+
+# ----------------------------------------------------------------------------------------------- DDP
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def dist_env_from_environ() -> DistEnv:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain run is one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return DistEnv(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def setup_distributed(env: DistEnv, device: torch.device) -> None:
+    if env.distributed:
+        import torch.distributed as dist
+
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world)
+
+
+def teardown_distributed(env: DistEnv) -> None:
+    import torch.distributed as dist
+
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def pick_device(device: str, env: DistEnv) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu.")
+        return torch.device("cuda", env.local_rank)
+    if device != "cpu":
+        raise UserError(f"Unknown --device {device!r}; use auto, cpu or cuda.")
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def partial_dir(out: Path) -> Path:
+    """Where a run keeps its in-progress state: a sibling `DIR.partial/` of the final output."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def complete_checkpoints(partial: Path) -> list[Path]:
+    """Complete checkpoints (with their COMPLETE marker), oldest first."""
+    root = Path(partial) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / COMPLETE_MARKER).is_file())
+
+
+def _rng_state() -> dict:
+    py_version, py_state, py_gauss = random.getstate()
+    state = {"python": [py_version, list(py_state), py_gauss], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    v, s, g = state["python"]
+    random.setstate((v, tuple(s), g))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+@dataclass
+class DistillConfig:
+    """Hyper-parameters of a run (`--help` of `mamtra distill` explains each)."""
+
+    kl_weight: float = 1.0
+    ce_weight: float = 1.0
+    temperature: float = 1.0
+    train: str = "mamba"
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup: int = 100
+    schedule: str = "cosine"
+    grad_accum: int = 1
+    clip: float = 1.0
+    epochs: int | None = None
+    max_steps: int | None = None
+    batch_tokens: int = 4096
+    pool_size: int = 1024
+    seed: int = 0
+    dtype: str = "fp32"
+    grad_checkpointing: bool = False
+    save_every: int = 500
+    eval_every: int = 500
+    keep_checkpoints: int = 0  # 0 = keep all
+
+    # What a resume must agree on (save/eval cadence and step limits may change between tries).
+    RESUME_KEYS = ("kl_weight", "ce_weight", "temperature", "train", "lr", "weight_decay", "betas", "warmup",
+                   "schedule", "grad_accum", "clip", "epochs", "max_steps", "batch_tokens", "pool_size",
+                   "seed", "dtype")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+@dataclass
+class StepPlan:
+    """The global batches of every epoch, grouped into optimizer steps of `grad_accum` micro-batches."""
+
+    epoch_steps: list[list[list[list[int]]]] = field(default_factory=list)  # epoch → step → micro → utts
+
+
+class Distiller:
+    """setup → train → save_checkpoint, with resume. Only rank 0 prints and writes.
+
+    `log(message)` and `progress(step, total, metrics)` are the stage's hooks for stderr output."""
+
+    def __init__(self, cfg: DistillConfig, teacher: SpeechLM, student: SpeechLM, train_utts: list[Utterance],
+                 val_utts: list[Utterance] | None, partial: Path, env: DistEnv | None = None,
+                 device: torch.device | str = "cpu", log: Callable[[str], None] = lambda m: None,
+                 progress: Callable[[int, int, dict], None] | None = None):
+        self.cfg, self.teacher, self.student = cfg, teacher, student
+        self.train_utts, self.val_utts = train_utts, val_utts or []
+        self.partial = Path(partial)
+        self.env = env or DistEnv()
+        self.device = torch.device(device)
+        self.log, self.progress = log, progress
+        self.step = 0  # optimizer steps done
+        self.position = (0, 0)  # (epoch, next step index within the epoch)
+        self.metrics_path = self.partial / METRICS_FILE
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, resume_from: Path | None = None) -> None:
+        cfg = self.cfg
+        # Per-rank randomness (none in the loss today; dropout-free models) gets its own stream.
+        random.seed(cfg.seed + self.env.rank)
+        torch.manual_seed(cfg.seed + self.env.rank)
+        if cfg.dtype == "bf16" and self.device.type != "cuda":
+            raise UserError("--dtype bf16 autocast is only supported on CUDA; on CPU use --dtype fp32.")
+        if cfg.dtype not in ("fp32", "bf16"):
+            raise UserError(f"Unknown --dtype {cfg.dtype!r}; use fp32 or bf16.")
+
+        self.teacher.to(self.device).eval().requires_grad_(False)
+        self.student.to(self.device).train()
+        self.trainable = select_trainable(self.student, cfg.train)
+        self.student.backbone.gradient_checkpointing = cfg.grad_checkpointing
+        if resume_from is not None:
+            self._load_weights(resume_from)
+
+        decay, no_decay = [], []
+        for n, p in self.student.named_parameters():
+            if p.requires_grad:
+                # Mamba's habit: no weight decay on biases, norms, A_log, D, dt_bias (all 1-D).
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+        self.model: nn.Module = SpeechTargetLogits(self.student)
+        if self.env.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+        self.lengths = [utterance_tokens(u) for u in self.train_utts]
+        self.total_steps = self._count_total_steps()
+        if resume_from is not None:
+            self._load_trainer_state(resume_from)
+
+    def _epoch_steps(self, epoch: int) -> list[list[list[int]]]:
+        batches = token_batches(self.lengths, self.cfg.batch_tokens, self.cfg.seed, epoch, self.cfg.pool_size)
+        a = self.cfg.grad_accum
+        return [batches[i:i + a] for i in range(0, len(batches), a)]
+
+    def _count_total_steps(self) -> int:
+        cfg = self.cfg
+        if cfg.epochs is None:
+            return cfg.max_steps if cfg.max_steps is not None else len(self._epoch_steps(0))
+        total = sum(len(self._epoch_steps(e)) for e in range(cfg.epochs))
+        return min(total, cfg.max_steps) if cfg.max_steps is not None else total
+
+    # ------------------------------------------------------------------ one optimizer step
+    def _forward_micro(self, utts: list[Utterance], weight: float, global_targets: int) -> tuple[torch.Tensor, float, float]:
+        cfg = self.cfg
+        batch = [t.to(self.device) for t in pad_batch(utts)]
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bf16"
+                    else contextlib.nullcontext())
+        with autocast:
+            with torch.no_grad():
+                t_logits, _ = speech_logits(self.teacher, *batch)
+            s_logits, targets = self.model(*batch)
+        kl_sum, ce_sum = kd_loss_terms(s_logits, t_logits, targets, cfg.temperature)
+        # × world: DDP averages gradients over ranks; we want the sum of per-rank sums ÷ the global count.
+        loss = kd_loss(kl_sum, ce_sum, global_targets, cfg.kl_weight, cfg.ce_weight, cfg.temperature)
+        loss = loss * (weight * self.env.world)
+        return loss, float(kl_sum.detach()) * weight, float(ce_sum.detach()) * weight
+
+    def train_step(self, micro_batches: list[list[int]]) -> dict:
+        """One optimizer step over global micro-batches (lists of utterance indices)."""
+        cfg, env = self.cfg, self.env
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, cfg.lr, cfg.warmup, self.total_steps, cfg.schedule)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        global_targets = sum(target_tokens(self.train_utts[i]) for mb in micro_batches for i in mb)
+        global_inputs = sum(self.lengths[i] for mb in micro_batches for i in mb)
+        kl_total, ce_total = 0.0, 0.0
+        for k, mb in enumerate(micro_batches):
+            local = rank_slice(mb, env.rank, env.world)
+            weight = 1.0
+            if not local:  # fewer utterances than ranks: join DDP's all-reduce with a zero-weight pass
+                local, weight = mb[:1], 0.0
+            sync = (k == len(micro_batches) - 1) or not env.distributed
+            ctx = contextlib.nullcontext() if sync else self.model.no_sync()
+            with ctx:
+                loss, kl, ce = self._forward_micro([self.train_utts[i] for i in local], weight, global_targets)
+                loss.backward()
+            kl_total += kl
+            ce_total += ce
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf")))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if env.distributed:
+            import torch.distributed as dist
+
+            sums = torch.tensor([kl_total, ce_total], dtype=torch.float64)
+            dist.all_reduce(sums)
+            kl_total, ce_total = sums.tolist()
+        self.step += 1
+        dt = time.perf_counter() - t0
+        kl, ce = kl_total / global_targets, ce_total / global_targets
+        return {"kind": "train", "step": self.step, "epoch": self.position[0], "lr": lr,
+                "loss": (cfg.kl_weight * cfg.temperature ** 2 * kl + cfg.ce_weight * ce), "kl": kl, "ce": ce,
+                "grad_norm": grad_norm, "tokens": global_inputs, "target_tokens": global_targets,
+                "tokens_per_s": global_inputs / dt}
+
+    # ------------------------------------------------------------------ validation
+    def evaluate(self) -> dict | None:
+        if not self.val_utts or not self.env.is_main:
+            return None
+        from mamtra_cli.scoring import score_utterances
+
+        self.student.eval()
+        r = score_utterances(self.student, self.val_utts, batch_size=8)
+        self.student.train()
+        return {"kind": "val", "step": self.step, "val_ce": r["ce"], "val_accuracy": r["accuracy"],
+                "val_tokens": r["tokens"]}
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        cfg = self.cfg
+        if self.step == 0:
+            self._write_metrics(self.evaluate())
+        epoch, start = self.position
+        last: dict = {}
+        while self.step < self.total_steps and (cfg.epochs is None or epoch < cfg.epochs):
+            steps = self._epoch_steps(epoch)
+            for s in range(start, len(steps)):
+                self.position = (epoch, s)
+                last = self.train_step(steps[s])
+                self.position = (epoch, s + 1)
+                self._write_metrics(last)
+                if self.progress:
+                    self.progress(self.step, self.total_steps, last)
+                if cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                    self._write_metrics(self.evaluate())
+                if cfg.save_every > 0 and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+                if self.step >= self.total_steps:
+                    break
+            epoch, start = epoch + 1, 0
+            self.position = (epoch, 0)
+        final_val = self.evaluate()
+        self._write_metrics(final_val)
+        return {"steps": self.step, "last_train": last, "final_val": final_val}
+
+    def _write_metrics(self, row: dict | None) -> None:
+        if row is None or not self.env.is_main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path | None:
+        """Write `checkpoints/step-NNNNNN/` atomically (temp dir, COMPLETE marker last, rename)."""
+        from mamtra_cli import checkpoints
+
+        env = self.env
+        rng = _rng_state()
+        if env.distributed:
+            import torch.distributed as dist
+
+            all_rng: list = [None] * env.world
+            dist.all_gather_object(all_rng, rng)
+        else:
+            all_rng = [rng]
+        path = None
+        if env.is_main:
+            root = self.partial / "checkpoints"
+            root.mkdir(parents=True, exist_ok=True)
+            path = root / f"step-{self.step:06d}"
+            tmp = root / f".step-{self.step:06d}.tmp-{os.getpid()}"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            manifest = checkpoints.run_manifest("distill-checkpoint", inputs={}, parameters=self.cfg.to_dict(),
+                                                outputs={"step": self.step}, seed=self.cfg.seed)
+            checkpoints.save_model_dir(tmp, self.student.config, self.student.state_dict(), manifest)
+            state = {"step": self.step, "total_steps": self.total_steps,
+                     "position": {"epoch": self.position[0], "step_in_epoch": self.position[1]},
+                     "optimizer": self.optimizer.state_dict(),
+                     "schedule": {"name": self.cfg.schedule, "step": self.step},
+                     "rng": all_rng, "world_size": env.world}
+            torch.save(state, tmp / TRAINER_STATE_FILE)
+            (tmp / COMPLETE_MARKER).write_text(f"step {self.step}\n")
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+            self._prune_checkpoints()
+        barrier(env)
+        return path
+
+    def _prune_checkpoints(self) -> None:
+        keep = self.cfg.keep_checkpoints
+        if keep > 0:
+            for old in complete_checkpoints(self.partial)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _load_weights(self, ckpt: Path) -> None:
+        from safetensors.torch import load_file
+
+        from mamtra_cli.checkpoints import WEIGHTS_FILE
+
+        state = load_file(str(Path(ckpt) / WEIGHTS_FILE), device=str(self.device))
+        self.student.load_state_dict(state, strict=True)
+
+    def _load_trainer_state(self, ckpt: Path) -> None:
+        state = torch.load(Path(ckpt) / TRAINER_STATE_FILE, weights_only=True, map_location=self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.position = (int(state["position"]["epoch"]), int(state["position"]["step_in_epoch"]))
+        rng = state["rng"]
+        if len(rng) == self.env.world:
+            _set_rng_state(rng[self.env.rank])
+        if self.env.is_main and self.metrics_path.exists():
+            # Drop metric rows written after the checkpoint (the killed try went further than it saved).
+            rows = [ln for ln in self.metrics_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+            self.metrics_path.write_text("".join(r + "\n" for r in rows))
+
+
+def check_pair(teacher: SpeechLM, student: SpeechLM, teacher_name: str, student_name: str) -> None:
+    """Teacher and student must share vocabularies and hidden size."""
+    tc, sc = teacher.config, student.config
+    for attr, what in (("text_vocab_size", "text vocabularies"), ("speech_token_size", "speech vocabularies"),
+                       ("hidden_size", "hidden sizes")):
+        if getattr(tc, attr) != getattr(sc, attr):
+            raise UserError(f"Teacher {teacher_name} and student {student_name} have different {what} "
+                            f"({getattr(tc, attr)} vs {getattr(sc, attr)}); make the student from this "
+                            "teacher with `mamtra transfer`.")
+
+
+# ----------------------------------------------------------------------------------------------- plots
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl → (train rows, val rows)."""
+    train, val = [], []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            (val if row.get("kind") == "val" else train).append(row)
+    return train, val
+
+
+def plot_loss_curve(metrics_path: Path, png: Path, title: str = "distillation") -> None:
+    """Train loss / KL / CE and validation CE against the optimizer step, one PNG (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = read_metrics(metrics_path)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    if train:
+        steps = [r["step"] for r in train]
+        for key in ("loss", "kl", "ce"):
+            ax1.plot(steps, [r[key] for r in train], label=f"train {key}")
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("per target token (nats)")
+    ax1.set_title("training")
+    ax1.legend()
+    if val:
+        ax2.plot([r["step"] for r in val], [r["val_ce"] for r in val], marker="o", label="validation CE")
+        ax2.legend()
+    else:
+        ax2.text(0.5, 0.5, "no --val data", ha="center", va="center", transform=ax2.transAxes)
+    ax2.set_xlabel("optimizer step")
+    ax2.set_ylabel("CE per target token (nats)")
+    ax2.set_title("validation")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- benchmark
+def bench_training(hidden: int = 896, layers: int = 24, heads: int = 14, kv_heads: int = 2, head_dim: int = 64,
+                   intermediate: int = 4864, text_vocab: int = 8192, speech_tokens: int = 6561,
+                   batch: int = 4, text_len: int = 20, speech_len: int = 80, steps: int = 3,
+                   grad_checkpointing: bool = False, train: str = "mamba", with_teacher: bool = True,
+                   threads: int | None = None) -> dict:
+    """Training throughput and peak memory of one distillation configuration on CPU, random weights.
+
+    The student is a 1:1 hybrid (uniform placement: odd layers attention) of a Qwen2 teacher of the given
+    sizes; a step is teacher forward (no grad) + student forward/backward + AdamW. Peak memory is the
+    process's max RSS (resource.getrusage ru_maxrss), so call it in a fresh process:
+        python -c "from mamtra_cli.distill import bench_training as b; b(grad_checkpointing=True)"
+    Prints and returns one JSON object; the first step is warm-up and not timed."""
+    import resource
+
+    from mamtra_cli.models.config import ModelConfig
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    tcfg = ModelConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, head_dim=head_dim, text_vocab_size=text_vocab,
+                       speech_token_size=speech_tokens, layer_types=["attention"] * layers)
+    scfg = tcfg.with_layer_types(["attention" if i % 2 else "mamba" for i in range(layers)])
+    teacher = SpeechLM(tcfg) if with_teacher else None
+    student = SpeechLM(scfg)
+    gen = torch.Generator().manual_seed(0)
+    utts = [Utterance(f"u{i}", torch.randint(0, text_vocab, (text_len,), generator=gen).tolist(),
+                      torch.randint(0, speech_tokens, (speech_len,), generator=gen).tolist())
+            for i in range(batch)]
+    cfg = DistillConfig(train=train, grad_checkpointing=grad_checkpointing, warmup=0, max_steps=steps + 1,
+                        batch_tokens=10 ** 9, save_every=0, eval_every=0)
+    d = Distiller(cfg, teacher if teacher is not None else student, student, utts, None,
+                  partial=Path("."))  # nothing is written
+    d.setup()
+    if teacher is None:  # student as its own teacher: no separate teacher weights in memory
+        d.teacher = student
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        d.train_step([list(range(batch))])
+        if i:
+            times.append(time.perf_counter() - t0)
+    tokens = sum(utterance_tokens(u) for u in utts)
+    result = {"hidden": hidden, "layers": layers, "text_vocab": text_vocab, "batch": batch,
+              "tokens_per_step": tokens, "grad_checkpointing": grad_checkpointing, "train": train,
+              "with_teacher": with_teacher, "threads": torch.get_num_threads(),
+              "trainable_params": sum(p.numel() for p in student.parameters() if p.requires_grad),
+              "student_params": sum(p.numel() for p in student.parameters()),
+              "s_per_step": sum(times) / len(times), "tokens_per_s": tokens * len(times) / sum(times),
+              "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    print(json.dumps(result))
+    return result

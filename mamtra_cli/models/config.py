@@ -1,0 +1,158 @@
+"""Architecture of a speech LM: the Qwen2 backbone sizes, which layer is attention and which Mamba-2,
+and the CosyVoice 2 special ids. One `ModelConfig` is enough to rebuild a model with no other file;
+it is what `config.yaml` of a model directory holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mamtra_cli.errors import UserError
+
+ATTENTION = "attention"
+MAMBA = "mamba"
+LAYER_TYPES = (ATTENTION, MAMBA)
+
+
+@dataclass
+class MambaConfig:
+    """Settings of the Mamba-2 mixers. The widths are not here: they follow from the attention shape
+    (d_inner = n_heads·head_dim, d_xb = n_kv_heads·head_dim, d_state = headdim = head_dim) so that the
+    layer can inherit Q/K/V/O (DESIGN.md, MambaInLlama layout)."""
+
+    d_conv: int = 4  # depthwise causal conv width over x‖B‖C
+    chunk_size: int = 64  # SSD chunk length for prefill/training
+    dt_min: float = 1e-3  # dt init range (log-uniform), Mamba's default
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    A_init_min: float = 1.0  # A_log = log U(A_init_min, A_init_max)
+    A_init_max: float = 16.0
+    norm_eps: float = 1e-6  # gated RMSNorm epsilon (per head group)
+
+
+@dataclass
+class ModelConfig:
+    """A CosyVoice 2 style speech LM (`Qwen2LM`) on a Qwen2 backbone, possibly hybrid."""
+
+    hidden_size: int  # H
+    intermediate_size: int  # SwiGLU width
+    num_attention_heads: int  # n_h query heads
+    num_key_value_heads: int  # n_kv (GQA groups)
+    head_dim: int  # d
+    text_vocab_size: int  # rows of the Qwen2 text embedding (151936 in CosyVoice 2)
+    speech_token_size: int  # S speech codes (6561); the decoder has S+3 classes (eos, S+1, fill)
+    layer_types: list[str] = field(default_factory=list)  # "attention" | "mamba", one per layer
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+    family: str = "cosyvoice2-qwen2lm"
+
+    # ---- derived ids (CosyVoice 2's Qwen2LM) ----
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_types)
+
+    @property
+    def decoder_classes(self) -> int:
+        return self.speech_token_size + 3
+
+    @property
+    def eos_id(self) -> int:
+        return self.speech_token_size
+
+    @property
+    def fill_id(self) -> int:
+        return self.speech_token_size + 2
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return (self.speech_token_size, self.speech_token_size + 1, self.speech_token_size + 2)
+
+    @property
+    def d_inner(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def d_xb(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == ATTENTION]
+
+    @property
+    def mamba_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == MAMBA]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mamba, dict):
+            self.mamba = MambaConfig(**self.mamba)
+        self.layer_types = list(self.layer_types)
+        bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+        if bad:
+            raise UserError(f"Unknown layer type {bad[0]!r} in layer_types; use 'attention' or 'mamba'.")
+        if not self.layer_types:
+            raise UserError("The model config has no layers (layer_types is empty).")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UserError(
+                f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})."
+            )
+
+    # ---- (de)serialisation: config.yaml ----
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        # Derived values are written for readers of the file; from_dict ignores them.
+        d["derived"] = {
+            "num_layers": self.num_layers,
+            "eos_id": self.eos_id,
+            "fill_id": self.fill_id,
+            "stop_ids": list(self.stop_ids),
+            "decoder_classes": self.decoder_classes,
+            "attention_layers": self.attention_layers,
+            "mamba_layers": self.mamba_layers,
+        }
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "ModelConfig":
+        d = dict(d)
+        d.pop("derived", None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise UserError(f"{source} has unknown field(s) {unknown}; is it a MamTra config.yaml?")
+        missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in d
+                         and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        if missing:
+            raise UserError(f"{source} is missing field(s) {missing}; re-create it with `mamtra transfer`.")
+        if isinstance(d.get("mamba"), dict):
+            mnames = {f.name for f in dataclasses.fields(MambaConfig)}
+            bad = sorted(set(d["mamba"]) - mnames)
+            if bad:
+                raise UserError(f"{source} has unknown mamba field(s) {bad}.")
+            d["mamba"] = MambaConfig(**d["mamba"])
+        return cls(**d)
+
+    def save(self, path: Path) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelConfig":
+        import yaml
+
+        try:
+            d = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"Cannot read model config {path}: {e}.") from None
+        if not isinstance(d, dict):
+            raise UserError(f"{path} is not a MamTra config.yaml (expected a mapping).")
+        return cls.from_dict(d, source=str(path))
+
+    def with_layer_types(self, layer_types: list[str]) -> "ModelConfig":
+        return dataclasses.replace(self, layer_types=list(layer_types), mamba=dataclasses.replace(self.mamba))

@@ -1,0 +1,51 @@
+"""Teacher-forced scoring of a speech LM on a data manifest: CosyVoice's cross-entropy (summed over the
+speech targets and eos, divided by their count over the whole file) and top-1 accuracy.
+
+Utterances are batched by length (longest first, as CosyVoice's padding does) so that padding is small;
+the totals do not depend on the batching because each row's CE is summed separately.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from mamtra_cli.data_manifest import Utterance
+from mamtra_cli.models.speech_lm import SpeechLM
+
+
+def pad_batch(utts: list[Utterance]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """→ text (B, T_max), text_lens (B,), speech (B, S_max), speech_lens (B,), right-padded with 0."""
+    tl = torch.tensor([len(u.text_tokens) for u in utts])
+    sl = torch.tensor([len(u.speech_tokens) for u in utts])
+    text = torch.zeros(len(utts), int(tl.max()), dtype=torch.long)
+    speech = torch.zeros(len(utts), int(sl.max()), dtype=torch.long)
+    for i, u in enumerate(utts):
+        text[i, : len(u.text_tokens)] = torch.tensor(u.text_tokens)
+        speech[i, : len(u.speech_tokens)] = torch.tensor(u.speech_tokens)
+    return text, tl, speech, sl
+
+
+@torch.inference_mode()
+def score_utterances(model: SpeechLM, utts: list[Utterance], batch_size: int = 8,
+                     progress: Callable[[int], None] | None = None) -> dict:
+    order = sorted(range(len(utts)), key=lambda i: -(len(utts[i].text_tokens) + len(utts[i].speech_tokens)))
+    per_utt: dict[str, dict] = {}
+    ce_total, tokens_total, correct_total = 0.0, 0, 0
+    for start in range(0, len(order), batch_size):
+        batch = [utts[i] for i in order[start:start + batch_size]]
+        out = model.forward_train(*pad_batch(batch))
+        for j, u in enumerate(batch):
+            n = int(out.tokens_per_row[j])
+            ce = float(out.ce_per_row[j])
+            c = int(out.correct_per_row[j])
+            per_utt[u.utt] = {"ce": ce / n, "accuracy": c / n, "tokens": n}
+            ce_total += ce
+            tokens_total += n
+            correct_total += c
+        if progress:
+            progress(len(batch))
+    return {"ce": ce_total / tokens_total, "accuracy": correct_total / tokens_total, "tokens": tokens_total,
+            "utterances": len(utts), "ce_sum": ce_total,
+            "per_utterance": {u.utt: per_utt[u.utt] for u in utts}}

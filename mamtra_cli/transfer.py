@@ -1,0 +1,159 @@
+"""Attention → Mamba-2 transfer (the paper's Fig. 2): which layers become Mamba, and how they are initialised.
+
+Layouts. A ratio `1:k` over L layers keeps L/(k+1) attention layers (an error if it does not divide).
+Placements: `uniform` (attention last in each group of k+1: for 24 layers and 1:1 the odd layers, for 1:3
+layers 3, 7, …, 23 — MambaInLlama's layout), `uniform-first` (first in each group), `front`, `back`, or an
+explicit list of attention layer indices.
+
+Init. `reused`: for each replaced layer C ← W_Q (+ Q bias), B ← W_K (+ K bias), x ← W_V (+ V bias),
+out_proj ← W_O; z, dt, dt_bias, A_log, D, conv, gate norm get Mamba's usual init. `xavier` / `kaiming`
+(the Fig. 6 ablations): in_proj and out_proj drawn fresh instead. Everything outside the replaced mixers —
+embeddings, head, MLPs, both norms of every layer, kept attention layers — is copied bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from mamtra_cli.errors import UserError
+from mamtra_cli.models.config import ATTENTION, MAMBA, ModelConfig
+from mamtra_cli.models.speech_lm import SpeechLM
+
+PLACEMENTS = ("uniform", "uniform-first", "front", "back")
+INITS = ("reused", "xavier", "kaiming")
+
+
+def parse_ratio(ratio: str) -> int:
+    """'1:k' → k (Mamba layers per attention layer)."""
+    m = re.fullmatch(r"\s*1\s*:\s*(\d+)\s*", ratio or "")
+    if not m or int(m.group(1)) < 0:
+        raise UserError(f"Bad --ratio {ratio!r}; write attention:Mamba as 1:k, e.g. 1:1, 1:3, 1:5 or 1:11.")
+    return int(m.group(1))
+
+
+def attention_layers_for(num_layers: int, k: int, placement: str) -> list[int]:
+    if placement not in PLACEMENTS:
+        raise UserError(f"Unknown --placement {placement!r}; use one of {', '.join(PLACEMENTS)} "
+                        "or --attention-layers.")
+    if num_layers % (k + 1):
+        raise UserError(f"Ratio 1:{k} does not divide the teacher's {num_layers} layers "
+                        f"({num_layers} is not a multiple of {k + 1}); choose another ratio or --attention-layers.")
+    n_attn, group = num_layers // (k + 1), k + 1
+    if placement == "uniform":
+        return [g * group + k for g in range(n_attn)]
+    if placement == "uniform-first":
+        return [g * group for g in range(n_attn)]
+    if placement == "front":
+        return list(range(n_attn))
+    return list(range(num_layers - n_attn, num_layers))
+
+
+def parse_layer_list(text: str, num_layers: int) -> list[int]:
+    try:
+        idx = sorted({int(t) for t in text.replace(" ", "").split(",") if t != ""})
+    except ValueError:
+        raise UserError(f"Bad --attention-layers {text!r}; give comma-separated layer indices, e.g. 3,7,11.") from None
+    bad = [i for i in idx if not 0 <= i < num_layers]
+    if bad:
+        raise UserError(f"--attention-layers index {bad[0]} is out of range; the teacher has layers 0..{num_layers - 1}.")
+    return idx
+
+
+def layer_types_from(num_layers: int, attention_layers: list[int]) -> list[str]:
+    keep = set(attention_layers)
+    return [ATTENTION if i in keep else MAMBA for i in range(num_layers)]
+
+
+@torch.no_grad()
+def transfer(teacher: SpeechLM, attention_layers: list[int], init: str = "reused", seed: int = 0
+             ) -> tuple[SpeechLM, list[dict]]:
+    """Build the hybrid student. Returns (student, per-layer records {layer, type, source})."""
+    if init not in INITS:
+        raise UserError(f"Unknown --init {init!r}; use one of {', '.join(INITS)}.")
+    tcfg: ModelConfig = teacher.config
+    if any(t != ATTENTION for t in tcfg.layer_types):
+        # A hybrid teacher is fine as long as every layer kept as attention is attention in the teacher.
+        bad = [i for i in attention_layers if tcfg.layer_types[i] != ATTENTION]
+        if bad:
+            raise UserError(f"Layer {bad[0]} of the teacher is not attention, so it cannot stay attention.")
+    scfg = tcfg.with_layer_types(layer_types_from(tcfg.num_layers, attention_layers))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        student = SpeechLM(scfg)
+    student = student.to_empty(device="cpu")
+    student.backbone.rotary = type(student.backbone.rotary)(scfg.head_dim, scfg.rope_theta)
+    t_state = teacher.state_dict()
+    s_state = student.state_dict()
+    records = []
+    # 1) everything that exists in both (embeddings, head, norms, MLPs, kept mixers) is copied bit for bit
+    for name, tensor in s_state.items():
+        if name in t_state and ".mamba." not in name:
+            tensor.copy_(t_state[name])
+    # 2) the new Mamba mixers
+    for i, layer in enumerate(student.backbone.layers):
+        if scfg.layer_types[i] == ATTENTION:
+            records.append({"layer": i, "type": ATTENTION, "source": f"teacher layer {i} attention (copied)"})
+            continue
+        if tcfg.layer_types[i] == MAMBA:  # a hybrid teacher's Mamba layer is copied as is
+            for name, tensor in layer.mamba.state_dict().items():
+                tensor.copy_(t_state[f"backbone.layers.{i}.mamba.{name}"])
+            records.append({"layer": i, "type": MAMBA, "source": f"teacher layer {i} mamba (copied)"})
+            continue
+        mixer = layer.mamba
+        mixer.reset_ssm_parameters(gen)
+        attn = teacher.backbone.layers[i].self_attn
+        if init == "reused":
+            _init_from_attention(mixer, attn, scfg, gen)
+            src = f"teacher layer {i} attention: C←W_Q+b_Q, B←W_K+b_K, x←W_V+b_V, out←W_O"
+        else:
+            _init_fresh(mixer, init, gen)
+            src = f"fresh {init} in_proj/out_proj (MLP and norms from teacher layer {i})"
+        records.append({"layer": i, "type": MAMBA, "source": src, "init": init})
+    return student.eval(), records
+
+
+def in_proj_slices(cfg: ModelConfig) -> dict[str, slice]:
+    """Row ranges of in_proj's output: [z | x | B | C | dt]."""
+    di, dx, nh = cfg.d_inner, cfg.d_xb, cfg.num_attention_heads
+    edges = [0, di, di + dx, di + 2 * dx, 2 * di + 2 * dx, 2 * di + 2 * dx + nh]
+    return {name: slice(edges[j], edges[j + 1]) for j, name in enumerate(("z", "x", "B", "C", "dt"))}
+
+
+def _init_from_attention(mixer, attn, cfg: ModelConfig, gen: torch.Generator) -> None:
+    s = in_proj_slices(cfg)
+    w, b = mixer.in_proj.weight, mixer.in_proj.bias
+    # z and dt rows have no attention counterpart: nn.Linear's default init (U(±1/√fan_in)), as Mamba has.
+    bound = 1.0 / math.sqrt(w.shape[1])
+    w.uniform_(-bound, bound, generator=gen)
+    b.zero_()
+    w[s["x"]] = attn.v_proj.weight
+    b[s["x"]] = attn.v_proj.bias
+    w[s["B"]] = attn.k_proj.weight
+    b[s["B"]] = attn.k_proj.bias
+    w[s["C"]] = attn.q_proj.weight
+    b[s["C"]] = attn.q_proj.bias
+    mixer.out_proj.weight.copy_(attn.o_proj.weight)
+
+
+def _xavier(w: torch.Tensor, gen: torch.Generator) -> None:
+    bound = math.sqrt(6.0 / (w.shape[0] + w.shape[1]))
+    w.uniform_(-bound, bound, generator=gen)
+
+
+def _init_fresh(mixer, init: str, gen: torch.Generator) -> None:
+    for lin in (mixer.in_proj, mixer.out_proj):
+        if init == "xavier":
+            _xavier(lin.weight, gen)
+        else:  # kaiming-normal for a linear layer followed by a (near-)linear path: std = √(2 / fan_in)
+            lin.weight.normal_(0.0, math.sqrt(2.0 / lin.weight.shape[1]), generator=gen)
+        if lin.bias is not None:
+            lin.bias.zero_()
+
+
+def count_changed_layers(teacher: nn.Module, student: nn.Module) -> list[int]:
+    return [i for i, (a, b) in enumerate(zip(teacher.backbone.layers, student.backbone.layers))
+            if a.layer_type != b.layer_type]

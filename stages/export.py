@@ -1,0 +1,136 @@
+"""`mamtra export`: pack a speech LM with CosyVoice 2's flow, HiFT and front end into one self-contained bundle.
+
+The bundle (layout in mamtra_cli/synthesis/backend.py, "Bundles") is all `mamtra synth --model BUNDLE` needs:
+no CosyVoice directory, no HyperPyYAML, no pickles (weights are safetensors; the configs plain YAML).
+
+Dtypes: the LM is stored in --dtype (bf16 by default). The flow stays fp32 unless --flow-dtype says
+otherwise: CosyVoice's own fp16 flow is known to produce NaN/silence, and the flow is small next to the LM.
+HiFT is always stored in fp32 (its STFT runs in fp32 anyway).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def export(
+    model: str = typer.Option(..., "--model", help="Speech LM: a MamTra model dir (transfer/distill output), "
+                              "a CosyVoice 2 dir or its llm.pt."),
+    assets: Optional[Path] = typer.Option(None, "--assets", help="CosyVoice 2 model dir with flow.pt, hift.pt, "
+                                          "campplus.onnx, speech_tokenizer_v2.onnx, CosyVoice-BlankEN/ "
+                                          "(default: --model, when it is such a directory)."),
+    out: Path = typer.Option(..., "--out", help="Bundle directory to write."),
+    dtype: str = typer.Option("bf16", "--dtype", help="LM weight dtype: bf16 | fp16 | fp32."),
+    flow_dtype: str = typer.Option("fp32", "--flow-dtype", help="Flow weight dtype: fp32 (safe default) | bf16 | fp16."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Write a self-contained synthesis bundle: LM + flow + HiFT + front-end files + bundle.yaml + manifest.json.
+
+    Example: mamtra export --model hybrid-1-5 --assets CosyVoice2-0.5B --out hybrid-1-5.bundle
+    """
+    import json
+    import shutil
+
+    import yaml
+    from rich.console import Console
+    from safetensors.torch import save_file
+
+    from mamtra_cli import __version__, checkpoints
+    from mamtra_cli.errors import UserError
+    from mamtra_cli.synthesis import backend as B
+    from mamtra_cli.synthesis.flow import load_flow
+    from mamtra_cli.synthesis.hift import export_state_dict, load_hift
+    from mamtra_cli.teachers import load_teacher
+
+    console = Console(stderr=True)
+    lm_dtype = B.parse_dtype(dtype, "--dtype")
+    f_dtype = B.parse_dtype(flow_dtype, "--flow-dtype")
+    if assets is None:
+        if B.has_cosyvoice2_assets(Path(model)):
+            assets = Path(model)
+        else:
+            raise UserError(f"--model {model} holds only a speech LM; pass --assets with the CosyVoice 2 model "
+                            "directory that provides flow.pt, hift.pt and the front-end files.")
+    B.check_cosyvoice2_assets(assets)
+    checkpoints.check_output_dir(out, force)
+    yaml_path = assets / "cosyvoice2.yaml"
+    yaml_path = yaml_path if yaml_path.is_file() else None
+
+    with console.status("loading LM, flow and HiFT"):
+        lm, lm_info = load_teacher(model)
+        flow = load_flow(assets / "flow.pt", yaml_path)
+        hift = load_hift(assets / "hift.pt", yaml_path)
+    if lm.config.speech_token_size != flow.config.vocab_size:
+        raise UserError(f"The LM {model} has {lm.config.speech_token_size} speech tokens but {assets / 'flow.pt'} "
+                        f"{flow.config.vocab_size}; export an LM together with the CosyVoice directory it came from.")
+    sampling = B.sampling_from_cosyvoice_yaml(yaml_path)
+
+    front_files = ["campplus.onnx", "speech_tokenizer_v2.onnx", "CosyVoice-BlankEN/vocab.json",
+                   "CosyVoice-BlankEN/merges.txt", "CosyVoice-BlankEN/tokenizer_config.json"]
+    spec = {
+        "format": B.BUNDLE_FORMAT,
+        "version": B.BUNDLE_VERSION,
+        "sample_rate": int(hift.cfg.sampling_rate),
+        "lm": "lm",
+        "lm_dtype": dtype,
+        "flow": {"weights": "flow.safetensors", "dtype": flow_dtype, "config": flow.config.to_dict()},
+        "hift": {"weights": "hift.safetensors", "dtype": "fp32", "weight_norm_naming": "parametrizations",
+                 "config": _hift_config_dict(hift.cfg)},
+        "frontend": {"tokenizer_dir": "CosyVoice-BlankEN", "speech_tokenizer": "speech_tokenizer_v2.onnx",
+                     "campplus": "campplus.onnx"},
+        "sampling": {k: getattr(sampling, k) for k in ("top_p", "top_k", "win_size", "tau_r",
+                                                       "min_token_text_ratio", "max_token_text_ratio")},
+        "streaming": {"token_hop_len": B.TOKEN_HOP_LEN, "token_max_hop_len": B.TOKEN_MAX_HOP_LEN,
+                      "mel_cache_len": B.MEL_CACHE_LEN},
+    }
+
+    with console.status(f"writing bundle {out}"), checkpoints.staged_output(out, force) as tmp:
+        lm_sd = {k: (v.to(lm_dtype) if v.is_floating_point() else v) for k, v in lm.state_dict().items()}
+        lm_manifest = checkpoints.run_manifest("export", inputs={"model": lm_info}, parameters={"dtype": dtype})
+        (tmp / "lm").mkdir()
+        checkpoints.save_model_dir(tmp / "lm", lm.config, lm_sd, lm_manifest)
+        save_file({k: v.detach().to(f_dtype).contiguous() for k, v in flow.state_dict().items()},
+                  str(tmp / "flow.safetensors"), metadata={"format": "pt", "mamtra": __version__})
+        save_file({k: v.detach().float().contiguous() for k, v in export_state_dict(hift).items()},
+                  str(tmp / "hift.safetensors"), metadata={"format": "pt", "mamtra": __version__})
+        for rel in front_files:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(assets / rel, tmp / rel)
+        (tmp / B.BUNDLE_FILE).write_text(
+            "# MamTra synthesis bundle (written by `mamtra export`); plain YAML.\n"
+            + yaml.safe_dump(spec, sort_keys=False))
+        files = {}
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            fp = checkpoints.file_fingerprint(f)
+            files[f.relative_to(tmp).as_posix()] = {"bytes": fp["bytes"], "sha256": fp["sha256"]}
+        manifest = checkpoints.run_manifest(
+            "export",
+            inputs={"model": lm_info, "assets": str(Path(assets).resolve()),
+                    "flow": checkpoints.file_fingerprint(assets / "flow.pt"),
+                    "hift": checkpoints.file_fingerprint(assets / "hift.pt")},
+            parameters={"dtype": dtype, "flow_dtype": flow_dtype},
+            outputs={"bundle": B.BUNDLE_FILE}, files=files)
+        checkpoints.write_json_atomic(tmp / checkpoints.MANIFEST_FILE, manifest)
+        total = sum(v["bytes"] for v in files.values())
+
+    summary = {"out": str(out), "files": len(files) + 1, "bytes": total, "lm_dtype": dtype,
+               "flow_dtype": flow_dtype, "layer_types": "".join("A" if t == "attention" else "M"
+                                                                for t in lm.config.layer_types)}
+    console.print(f"[green]wrote[/green] {out}: {len(files) + 1} files, {total / 2**20:.1f} MiB "
+                  f"(LM {dtype}, flow {flow_dtype}, HiFT fp32)")
+    if json_out:
+        print(json.dumps(summary))
+    else:
+        print(str(out))
+
+
+def _hift_config_dict(cfg) -> dict:
+    import dataclasses
+
+    d = dataclasses.asdict(cfg)
+    return {k: ([list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple) else v)
+            for k, v in d.items()}

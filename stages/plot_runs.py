@@ -1,0 +1,84 @@
+"""`mamtra plot-runs`: overlay the learning curves of several distill runs (the paper's Fig. 6: reused vs
+Xavier vs Kaiming init; the CE column of Fig. 4) and print a table of initial/final numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+FINAL_WINDOW = 10  # final train KL = mean over the last this-many steps (one batch is noisy)
+
+
+def plot_runs(
+    runs: List[Path] = typer.Argument(..., help="Distill output directories (or their metrics.jsonl, or OUT.partial/)."),
+    out: Path = typer.Option(..., "--out", help="PNG to write."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated legend labels, one per run (default: directory names)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the table as one JSON object."),
+) -> None:
+    """Overlay train KL and validation CE against the step for RUNS into one PNG; print initial/final numbers.
+
+    Example: mamtra plot-runs kd-reused kd-xavier kd-kaiming --labels reused,xavier,kaiming --out fig6.png
+    """
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mamtra_cli.distill import METRICS_FILE, read_metrics
+    from mamtra_cli.errors import UserError
+
+    names = [s.strip() for s in labels.split(",")] if labels else [Path(r).name for r in runs]
+    if len(names) != len(runs):
+        raise UserError(f"--labels has {len(names)} label(s) for {len(runs)} run(s); give one label per run.")
+    if not out.parent.exists():
+        raise UserError(f"The directory of --out ({out.parent}) does not exist; create it first.")
+
+    rows, curves = [], []
+    for run, name in zip(runs, names):
+        path = run / METRICS_FILE if run.is_dir() else run
+        if not path.is_file():
+            raise UserError(f"{run} has no {METRICS_FILE}; pass a directory written by `mamtra distill`.")
+        try:
+            train, val = read_metrics(path)
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{path} is not a distill metrics file ({e}).") from None
+        if not train:
+            raise UserError(f"{path} holds no training steps; did the run start?")
+        tail = train[-FINAL_WINDOW:]
+        rows.append({"run": name, "path": str(run), "steps": train[-1]["step"],
+                     "initial_kl": train[0]["kl"], "final_kl": sum(r["kl"] for r in tail) / len(tail),
+                     "initial_val_ce": val[0]["val_ce"] if val else None,
+                     "final_val_ce": val[-1]["val_ce"] if val else None})
+        curves.append((name, train, val))
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, train, val in curves:
+        line, = ax1.plot([r["step"] for r in train], [r["kl"] for r in train], label=name, alpha=0.85)
+        if val:
+            ax2.plot([r["step"] for r in val], [r["val_ce"] for r in val], marker="o", color=line.get_color(),
+                     label=name)
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("KL(teacher ‖ student) per target token (nats)")
+    ax1.set_yscale("log")
+    ax1.set_title("training KL")
+    ax1.legend()
+    ax2.set_xlabel("optimizer step")
+    ax2.set_ylabel("validation CE per target token (nats)")
+    ax2.set_title("validation CE")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+    if json_out:
+        print(json.dumps({"plot": str(out), "runs": rows}))
+        return
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    print(f"run\tsteps\tinitial_kl\tfinal_kl(mean last {FINAL_WINDOW})\tinitial_val_ce\tfinal_val_ce")
+    for r in rows:
+        print(f"{r['run']}\t{r['steps']}\t{fmt(r['initial_kl'])}\t{fmt(r['final_kl'])}\t"
+              f"{fmt(r['initial_val_ce'])}\t{fmt(r['final_val_ce'])}")

@@ -1,0 +1,221 @@
+"""`mamtra profile vram`: peak memory of the speech LM's synthesis-time work (prompt prefill + decode) per
+model, batch and length, and what it means on a given GPU (the paper's Fig. 3)."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+TOKEN_RATE_HZ = 25  # CosyVoice 2 speech tokens per second
+CHARS_PER_TEXT_TOKEN = 4  # Qwen2 BPE on Latin-script text: ~4 characters per token
+LATIN_CHARS_PER_S = 15  # read English speech
+CJK_CHARS_PER_S = 4  # read Mandarin speech
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
+
+
+def _split_chars(text: str) -> tuple[int, int]:
+    cjk = len(_CJK.findall(text))
+    return len(text.strip()) - cjk, cjk
+
+
+def estimate_text_tokens(text: str) -> int:
+    """No tokenizer: ⌈latin characters / 4⌉ + one token per CJK character (Qwen2 BPE, roughly)."""
+    latin, cjk = _split_chars(text)
+    return math.ceil(latin / CHARS_PER_TEXT_TOKEN) + cjk
+
+
+def estimate_speech_tokens(text: str) -> int:
+    """Speech tokens to say `text`: 25 Hz × (latin chars / 15 per s + CJK chars / 4 per s)."""
+    latin, cjk = _split_chars(text)
+    return math.ceil(TOKEN_RATE_HZ * (latin / LATIN_CHARS_PER_S + cjk / CJK_CHARS_PER_S))
+
+
+def _wav_seconds(path: Path) -> float | None:
+    import wave
+
+    try:
+        with wave.open(str(path), "rb") as w:
+            return w.getnframes() / float(w.getframerate())
+    except (OSError, EOFError, wave.Error):
+        return None
+
+
+def eval_list_lengths(path: Path) -> list[dict]:
+    """Seed-TTS list `utt|prompt_text|prompt_wav|text` → per utterance the LM's prompt (prefill) length
+    1 + text tokens(prompt_text ++ text) + 1 + prompt speech tokens, and the total after decoding the new
+    text's speech tokens. Prompt speech = 25 × the prompt wav's duration when the file (relative to the
+    list) reads as WAV, else estimated from prompt_text like the new speech."""
+    from mamtra_cli.errors import UserError
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise UserError(f"Cannot read eval list {path}: {e.strerror}.") from None
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.split("|")
+        if len(parts) != 4:
+            raise UserError(f"{path} line {i} has {len(parts)} fields; a Seed-TTS eval list has "
+                            "utt|prompt_text|prompt_wav|text.")
+        utt, prompt_text, prompt_wav, text = parts
+        wav = Path(prompt_wav) if Path(prompt_wav).is_absolute() else Path(path).parent / prompt_wav
+        secs = _wav_seconds(wav)
+        prompt_speech = round(secs * TOKEN_RATE_HZ) if secs is not None else estimate_speech_tokens(prompt_text)
+        prompt = 2 + estimate_text_tokens(prompt_text + text) + prompt_speech
+        out.append({"utt": utt, "prompt_tokens": prompt, "new_tokens": estimate_speech_tokens(text),
+                    "total_tokens": prompt + estimate_speech_tokens(text), "prompt_wav_read": secs is not None})
+    if not out:
+        raise UserError(f"Eval list {path} has no utterances.")
+    return out
+
+
+def plan_on_gpu(gpu: dict, weight_resident_bytes: int, weight_read_bytes: int, per_stream_bytes: float,
+                cache_bytes_per_stream: float, batch: int) -> dict:
+    """Planning numbers for one model on one card.
+
+    streams = ⌊(memory_gib·2³⁰ − resident weights) ÷ per-stream bytes⌋ (per-stream = measured peak of the
+    work ÷ batch: cache + activations); bandwidth floor per decode step at this batch =
+    (weights read per step + batch × cache bytes per stream) ÷ bandwidth_gb_s·10⁹, in ms."""
+    free = gpu["memory_gib"] * 2**30 - weight_resident_bytes
+    streams = max(0, int(free // per_stream_bytes)) if per_stream_bytes > 0 else None
+    step_bytes = weight_read_bytes + batch * cache_bytes_per_stream
+    ms = step_bytes / (gpu["bandwidth_gb_s"] * 1e9) * 1e3
+    return {"gpu": gpu.get("name"), "free_bytes_for_streams": free, "max_streams": streams,
+            "floor_ms_per_step": ms, "floor_tokens_per_s": batch * 1e3 / ms}
+
+
+def profile_vram(
+    gpu: str = typer.Option("a6000", "--gpu", help="GPU profile (profiles/gpu/*.yaml, or a YAML path) to plan for."),
+    model: Optional[List[str]] = typer.Option(None, "--model", help="Model to profile (repeatable): MamTra or CosyVoice 2 dir, llm.pt."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Build random-weight models of this arch profile (e.g. cosyvoice2-0.5b) or YAML path."),
+    ratio: str = typer.Option("1:1,1:3,1:5,1:11", "--ratio", help="With --arch: hybrids to build besides the teacher."),
+    eval_list: Optional[Path] = typer.Option(None, "--eval-list", help="Seed-TTS eval list (utt|prompt_text|prompt_wav|text): profile its longest and median utterance."),
+    lengths: str = typer.Option("256,1024", "--lengths", help="Total tokens per stream (prompt + generated), when no --eval-list."),
+    prompt_tokens: int = typer.Option(150, "--prompt-tokens", min=1, help="Prompt (prefill) tokens with --lengths: ~30 text + ~5 s of prompt speech."),
+    batch: str = typer.Option("1,16", "--batch", help="Concurrent streams, comma-separated."),
+    dtype: str = typer.Option("bf16", "--dtype", help="Model and cache dtype: bf16, fp16 or fp32."),
+    fill: str = typer.Option("synthetic", "--fill", help="Between prompt and the last decode steps: synthetic (random K/V, no compute) or prefill (real chunks)."),
+    decode_steps: int = typer.Option(2, "--decode-steps", min=1, help="Real decode steps that end each run."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if available), cuda or cpu."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for vram.csv, vram.json and vram.png."),
+    seed: int = typer.Option(0, "--seed", help="Seed of random weights and inputs."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the worker processes."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+) -> None:
+    """Peak memory of the LM's synthesis work per model, batch and length, and streams/ms-per-token on --gpu.
+
+    Workload per stream: a real prefill of the prompt, the cache brought to total − --decode-steps tokens
+    (--fill), then --decode-steps real decode steps; peak = the extra memory this needs over the loaded
+    model (weights excluded). CUDA: torch.cuda.max_memory_allocated/reserved, reset per model. CPU: a fresh
+    worker process per measurement; after imports and the model build it resets the kernel's peak-RSS mark
+    and reads RSS as the baseline, and reports peak RSS − baseline.
+    With --eval-list the lengths come from the text (no tokenizer): text tokens = ⌈Latin chars/4⌉ + CJK
+    chars; speech tokens = 25 Hz × (Latin chars/15 + CJK chars/4) s; prompt speech from the prompt WAV's
+    duration when it reads, else from prompt_text.
+    Planning on --gpu: streams = ⌊(card memory − weights) ÷ (peak ÷ batch)⌋; bandwidth floor ms/step =
+    (weights read per step + cache bytes) ÷ card bandwidth.
+
+    Other workloads (end-to-end synthesis) plug in through mamtra_cli.profiling.measure_peak: see its
+    module docstring.
+
+    Example: mamtra profile vram --gpu a6000 --arch cosyvoice2-0.5b --lengths 256,1024 --batch 1,16 --out prof
+    """
+    import json
+    import statistics
+
+    import torch
+    from rich.console import Console
+
+    import profiles
+    from mamtra_cli import profiling as P
+    from mamtra_cli.errors import UserError
+
+    console = Console(stderr=True)
+    card = profiles.load("gpu", gpu)
+    card.setdefault("name", gpu)
+    torch_dtype = P.parse_dtype(dtype)
+    bpe = torch.tensor([], dtype=torch_dtype).element_size()
+    batches = P.parse_int_list(batch, "--batch")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise UserError(f"--device {device!r} is not usable here; use auto, cpu or cuda (with a GPU).")
+    if fill not in ("prefill", "synthetic"):
+        raise UserError(f"Unknown --fill {fill!r}; use prefill or synthetic.")
+
+    if eval_list is not None:
+        utts = eval_list_lengths(eval_list)
+        longest = max(utts, key=lambda u: u["total_tokens"])
+        med_total = statistics.median_low([u["total_tokens"] for u in utts])
+        med = next(u for u in utts if u["total_tokens"] == med_total)
+        cases = [{"case": "longest", **longest}] + ([{"case": "median", **med}] if med is not longest else [])
+        length_note = (f"{len(utts)} utterances of {eval_list}; token counts estimated from text "
+                       f"(see --help); {sum(u['prompt_wav_read'] for u in utts)} prompt WAVs read")
+    else:
+        cases = [{"case": f"{n} tokens", "prompt_tokens": min(prompt_tokens, n), "total_tokens": n}
+                 for n in P.parse_int_list(lengths, "--lengths")]
+        length_note = f"--lengths with a {prompt_tokens}-token prompt"
+    specs = P.resolve_specs(model, arch, ratio, seed)
+    from mamtra_cli.models.cache import analytic_cache_bytes
+
+    rows = []
+    for case in cases:
+        for b in batches:
+            for s in specs:
+                kwargs = {"batch": b, "prompt_tokens": case["prompt_tokens"], "total_tokens": case["total_tokens"],
+                          "decode_steps": decode_steps, "fill": fill, "dtype": dtype, "seed": seed}
+                with console.status(f"{s.name}: batch {b}, {case['total_tokens']} tokens on {device}"):
+                    m = P.measure_peak(s, "lm", kwargs, device=device, threads=threads)
+                w = P.weight_bytes(s.config, bpe)
+                cache_per_stream = analytic_cache_bytes(s.config, case["total_tokens"], 1, bpe)["total_bytes"]
+                per_stream = m["workload_peak_bytes"] / b
+                plan = plan_on_gpu(card, w["resident_bytes"], w["read_per_step_bytes"], per_stream,
+                                   cache_per_stream, b)
+                rows.append({"model": s.name, "layout": s.layout, "case": case["case"], "batch": b,
+                             "prompt_tokens": case["prompt_tokens"], "total_tokens": case["total_tokens"],
+                             "peak_bytes": m["workload_peak_bytes"], "peak_mb": P.mb(m["workload_peak_bytes"]),
+                             "cache_bytes": m["cache_bytes"], "baseline_bytes": m["baseline_bytes"],
+                             "weights_bytes": w["resident_bytes"], "method": m["method"],
+                             "per_stream_bytes": per_stream, **{f"plan_{k}": v for k, v in plan.items()}})
+                console.print(f"{s.name} b={b} T={case['total_tokens']}: peak {P.mb(m['workload_peak_bytes']):.1f} MB "
+                              f"(cache {P.mb(m['cache_bytes']):.1f} MB) in {m['seconds']:.1f} s")
+    teacher = specs[0].name
+    for r in rows:
+        t = next(x for x in rows if x["model"] == teacher and x["case"] == r["case"] and x["batch"] == r["batch"])
+        r["peak_ratio_vs_first"] = r["peak_bytes"] / t["peak_bytes"] if t["peak_bytes"] > 0 else None
+
+    notes = [length_note, f"peak = {'CUDA allocator peak' if device == 'cuda' else 'worker RSS peak'} minus the "
+             "loaded-model baseline (weights excluded); planning uses full-size weights "
+             f"({dtype}) and {card['name']}: {card['memory_gib']} GiB, {card['bandwidth_gb_s']} GB/s",
+             f"cache reaches its length by {fill} fill after a real prompt prefill, then {decode_steps} real decode steps"]
+    if (n := P.text_embedding_note(specs)):
+        notes.append(n)
+    result = {"gpu": card, "device": device, "dtype": dtype, "batches": batches, "cases": cases,
+              "models": [{"name": s.name, "layout": s.layout, "source": s.source} for s in specs],
+              "rows": rows, "notes": notes}
+    if out is not None:
+        P.write_csv(out / "vram.csv", rows)
+        P.write_json(out / "vram.json", result)
+        groups = [(c["case"], b) for c in cases for b in batches]
+        P.plot_bars(out / "vram.png", [f"{c}\nbatch {b}" for c, b in groups],
+                    {s.name: [next(r["peak_mb"] for r in rows if r["model"] == s.name and r["case"] == c
+                                   and r["batch"] == b) for c, b in groups] for s in specs},
+                    "length / batch", f"peak LM working memory (MB, {dtype}, weights excluded)",
+                    f"Synthesis-time memory ({device})", note="; ".join(notes[:2]))
+        result["files"] = {k: str(out / f"vram.{k}") for k in ("csv", "json", "png")}
+    if json_out:
+        print(json.dumps(result))
+        return
+    print(f"model\tcase\tbatch\tpeak MB\tcache MB\tratio vs {teacher}\tstreams on {card['name']}\tfloor ms/step")
+    for r in rows:
+        ratio_s = "-" if r["peak_ratio_vs_first"] is None else f"{r['peak_ratio_vs_first']:.3f}"
+        print(f"{r['model']}\t{r['case']}\t{r['batch']}\t{r['peak_mb']:.1f}\t{P.mb(r['cache_bytes']):.1f}\t{ratio_s}\t"
+              f"{r['plan_max_streams']}\t{r['plan_floor_ms_per_step']:.3f}")
+    for n in notes:
+        print(f"note: {n}")

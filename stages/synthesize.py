@@ -1,0 +1,310 @@
+"""`mamtra synth`: text + a reference voice → a 24 kHz wav, with a bundle or an LM + CosyVoice 2 directory.
+
+    mamtra synth "Hello there." --ref voice.wav --ref-text "What the reference says." --model BUNDLE --out out.wav
+    mamtra synth "Hello there." --ref voice.wav --model LM_DIR --assets CosyVoice2-0.5B --out out.wav
+    mamtra synth --list meta.lst --out-dir wavs/ --model BUNDLE          # Seed-TTS-eval: utt|prompt_text|prompt_wav|text
+
+Without --ref-text the reference is used cross-lingually (voice only, no transcript). --stream runs flow and
+HiFT in chunks while the LM is still generating, as CosyVoice 2 streams. A wav is written to a temporary
+file beside the target and renamed at the end, so no partial wav is ever left behind.
+
+Reports on stderr: RTF (wall time of prompt + synthesis ÷ audio duration; model loading excluded), seconds per
+stage, speech tokens, peak memory (CUDA max allocated on GPU, process max RSS on CPU); --json prints one object
+on stdout.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mamtra_cli.errors import UserError
+
+
+def resolve_backend(model: Optional[str], assets: Optional[Path], device: str = "cpu", lm_dtype=None,
+                    max_new_tokens: Optional[int] = None):
+    """The synthesis backend for --model / --assets.
+
+    - no --model: the built-in default (not available yet: a later version plugs it in here);
+    - --model BUNDLE (a `mamtra export` output): everything from the bundle;
+    - --model LM --assets COSYVOICE2_DIR: the LM from a MamTra model dir / CosyVoice 2 dir / llm.pt, the rest
+      from the CosyVoice 2 directory; --model COSYVOICE2_DIR alone uses that directory for both.
+    """
+    from mamtra_cli.synthesis import backend as B
+
+    if model is None:
+        return _default_backend(device)
+    path = Path(model)
+    if B.is_bundle(path):
+        if assets is not None:
+            raise UserError(f"{model} is a bundle and carries its own flow, HiFT and front end; drop --assets.")
+        return B.CosyVoice2Backend.from_bundle(path, device=device, lm_dtype=lm_dtype, max_new_tokens=max_new_tokens)
+    if not path.exists():
+        raise UserError(f"Model {model} does not exist; pass a bundle from `mamtra export` or a model directory "
+                        "with --assets.")
+    if assets is None:
+        if B.has_cosyvoice2_assets(path):
+            assets = path
+        else:
+            raise UserError(f"{model} is not a bundle; pass --assets with a CosyVoice 2 model directory for the "
+                            f"flow, HiFT and front end, or make a bundle with `mamtra export --model {model}`.")
+    return B.CosyVoice2Backend.from_dirs(model, assets, device=device, lm_dtype=lm_dtype,
+                                         max_new_tokens=max_new_tokens)
+
+
+def _default_backend(device: str):
+    # Hook for the built-in default model (a later issue): return its SynthesisBackend here.
+    raise UserError("no default model yet: pass --model BUNDLE (from `mamtra export`) or --model LM_DIR "
+                    "--assets COSYVOICE2_DIR.")
+
+
+class WavWriter:
+    """Mono wav written chunk by chunk into a hidden temporary file beside `path`, renamed into place on
+    success and deleted on failure (a context manager)."""
+
+    def __init__(self, path: Path, sample_rate: int):
+        self.path, self.sample_rate = Path(path), int(sample_rate)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}.wav")
+        self.samples = 0
+
+    def __enter__(self) -> "WavWriter":
+        import soundfile as sf
+
+        self._f = sf.SoundFile(str(self.tmp), mode="w", samplerate=self.sample_rate, channels=1,
+                               format="WAV", subtype="PCM_16")
+        return self
+
+    def write(self, chunk) -> None:
+        import numpy as np
+
+        chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
+        if chunk.size:
+            self._f.write(np.clip(chunk, -1.0, 1.0))
+            self._f.flush()
+            self.samples += chunk.size
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._f.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _peak_memory(device) -> tuple[float, str]:
+    import resource
+
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "ru_maxrss"
+
+
+def _synthesize_one(backend, text: str, ref: Path, ref_text: Optional[str], out: Path, seed: int,
+                    stream: bool) -> dict:
+    """Prompt + synthesis of one utterance into `out`; returns its report (times in seconds)."""
+    backend.stats.reset()
+    t0 = time.perf_counter()
+    prompt = backend.prepare_prompt(ref, ref_text)
+    first_chunk = None
+    chunks = 0
+    with WavWriter(out, backend.sample_rate) as wav:
+        for chunk in backend.synthesize(text, prompt, seed=seed, stream=stream):
+            if first_chunk is None:
+                first_chunk = time.perf_counter() - t0
+            chunks += 1
+            wav.write(chunk)
+    wall = time.perf_counter() - t0
+    audio_s = wav.samples / backend.sample_rate
+    return {
+        "out": str(out), "mode": prompt.mode, "stream": stream, "seed": seed,
+        "samples": wav.samples, "sample_rate": backend.sample_rate, "audio_seconds": round(audio_s, 4),
+        "wall_seconds": round(wall, 4), "rtf": round(wall / audio_s, 4) if audio_s > 0 else None,
+        "first_chunk_seconds": round(first_chunk, 4) if first_chunk is not None else None, "chunks": chunks,
+        "stages": backend.stats.to_dict(),
+    }
+
+
+def check_reference(ref: Path, what: str = "Reference audio") -> None:
+    """Cheap checks of a reference wav before any model is loaded: exists, readable, at most 30 s."""
+    import soundfile as sf
+
+    from mamtra_cli.synthesis.backend import MAX_REF_SECONDS
+
+    if not ref.is_file():
+        raise UserError(f"{what} {ref} does not exist; check the path.")
+    try:
+        info = sf.info(str(ref))
+    except Exception as e:  # libsndfile's errors for unreadable/corrupt files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{what} {ref} is not readable audio ({msg}); give a wav/flac/ogg file.") from None
+    seconds = info.frames / info.samplerate if info.samplerate else 0.0
+    if seconds > MAX_REF_SECONDS:
+        raise UserError(f"{what} {ref} is {seconds:.1f} s long; CosyVoice 2's speech tokenizer takes at most "
+                        f"{MAX_REF_SECONDS:g} s — cut a shorter reference.")
+
+
+def _read_list(list_file: Path) -> list[dict]:
+    """Seed-TTS-eval lines `utt|prompt_text|prompt_wav|text`; prompt_wav relative to the list's folder."""
+    from mamtra_cli.synthesis.backend import check_text
+
+    if not list_file.is_file():
+        raise UserError(f"List file {list_file} does not exist; pass a Seed-TTS-eval meta.lst.")
+    items, seen = [], set()
+    for n, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.split("|")
+        if len(parts) != 4:
+            raise UserError(f"{list_file} line {n} has {len(parts)} field(s); expected utt|prompt_text|prompt_wav|text.")
+        utt, prompt_text, prompt_wav, text = (p.strip() for p in parts)
+        if not utt or "/" in utt or "\\" in utt or utt.startswith("."):
+            raise UserError(f"{list_file} line {n}: utterance id {utt!r} cannot be a file name; use a plain name.")
+        if utt in seen:
+            raise UserError(f"{list_file} line {n}: utterance id {utt!r} appears twice; ids name the output wavs.")
+        seen.add(utt)
+        wav = Path(prompt_wav)
+        wav = wav if wav.is_absolute() else list_file.parent / wav
+        check_reference(wav, what=f"{list_file} line {n}: prompt wav")
+        check_text(text, what=f"{list_file} line {n}: the text")
+        items.append({"utt": utt, "prompt_text": prompt_text or None, "ref": wav, "text": text})
+    if not items:
+        raise UserError(f"List file {list_file} has no utterances.")
+    return items
+
+
+def _stderr_report(console, r: dict, peak: tuple[float, str], load_s: float | None = None) -> None:
+    st = r["stages"]
+    rtf = f"{r['rtf']:.3f}" if r["rtf"] is not None else "n/a"
+    load = f" · load {load_s:.2f} s" if load_s is not None else ""
+    console.print(f"{r['out']}: {r['audio_seconds']:.2f} s audio in {r['wall_seconds']:.2f} s, RTF {rtf} · "
+                  f"frontend {st['frontend_s']:.3f} s · LM {st['lm_s']:.3f} s ({st['tokens']} tokens) · "
+                  f"flow {st['flow_s']:.3f} s · HiFT {st['hift_s']:.3f} s{load} · "
+                  f"peak memory {peak[0]:.0f} MiB ({peak[1]})", highlight=False)
+
+
+def synth(
+    text: Optional[str] = typer.Argument(None, help="Text to speak (long text is split into sentences)."),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="Reference voice wav (≤ 30 s)."),
+    ref_text: Optional[str] = typer.Option(None, "--ref-text", help="Transcript of --ref (zero-shot); without it "
+                                           "the reference gives only the voice (cross-lingual)."),
+    model: Optional[str] = typer.Option(None, "--model", help="A bundle (`mamtra export`), or an LM (MamTra model "
+                                        "dir / CosyVoice 2 dir) with --assets."),
+    assets: Optional[Path] = typer.Option(None, "--assets", help="CosyVoice 2 model dir for flow, HiFT and front "
+                                          "end when --model is not a bundle."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output wav (24 kHz)."),
+    list_file: Optional[Path] = typer.Option(None, "--list", help="Seed-TTS-eval list: utt|prompt_text|prompt_wav|text "
+                                             "per line (prompt_wav relative to the list)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Output folder for --list (UTT.wav each)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of LM sampling and HiFT noise (sentence i uses seed + i)."),
+    stream: bool = typer.Option(False, "--stream", help="Chunked flow + HiFT as the LM generates (CosyVoice 2 streaming)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap on speech tokens per sentence "
+                                             "(default: 20 × text tokens, as CosyVoice)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
+    lm_dtype: str = typer.Option("auto", "--lm-dtype", help="auto (stored dtype on GPU, fp32 on CPU) | bf16 | fp16 | fp32."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default). On a busy "
+                                "machine 1 is often much faster for small models."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output wavs."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Speak TEXT in the voice of --ref, or every line of --list, into 24 kHz wavs.
+
+    Example: mamtra synth "Hello there." --ref voice.wav --ref-text "Reference words." --model my.bundle --out out.wav
+    """
+    import json
+
+    import torch
+    from rich.console import Console
+
+    from mamtra_cli.synthesis.backend import check_text, parse_dtype
+
+    console = Console(stderr=True)
+    if threads < 0:
+        raise UserError(f"--threads must be 0 (torch's default) or a positive number (got {threads}).")
+    if threads:
+        torch.set_num_threads(threads)
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1 (got {max_tokens}).")
+    # -- arguments first: cheap checks before any model is loaded
+    if list_file is not None:
+        if text is not None or ref is not None or out is not None:
+            raise UserError("--list takes texts and references from the list file; drop TEXT, --ref and --out "
+                            "(use --out-dir).")
+        if out_dir is None:
+            raise UserError("--list needs --out-dir, the folder for the wavs.")
+        items = _read_list(list_file)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UserError(f"--out-dir {out_dir} exists and is not a directory.")
+        if not force:
+            clash = [it["utt"] for it in items if (out_dir / f"{it['utt']}.wav").exists()]
+            if clash:
+                raise UserError(f"{out_dir / (clash[0] + '.wav')} already exists ({len(clash)} of the list's wavs "
+                                "do); pass --force to overwrite or choose another --out-dir.")
+    else:
+        if out_dir is not None:
+            raise UserError("--out-dir is for --list; for one text use --out.")
+        check_text(text)
+        if ref is None:
+            raise UserError("Pass --ref with a reference voice wav (a few seconds of speech).")
+        check_reference(ref)
+        if out is None:
+            raise UserError("Pass --out for the output wav.")
+        if out.exists() and not force:
+            raise UserError(f"Output {out} already exists; pass --force to overwrite it or choose another --out.")
+        if not out.parent.is_dir():
+            raise UserError(f"The folder of --out ({out.parent}) does not exist; create it first.")
+        items = [{"utt": None, "prompt_text": ref_text, "ref": ref, "text": text}]
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for CUDA but no GPU is available; use --device cpu.")
+    dtype = None if lm_dtype == "auto" else parse_dtype(lm_dtype, "--lm-dtype")
+    if lm_dtype == "auto" and dev.type == "cpu":
+        dtype = torch.float32  # half-precision matmuls are slow on CPUs
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    t_load = time.perf_counter()
+    with console.status("loading models"):
+        backend = resolve_backend(model, assets, device=str(dev), lm_dtype=dtype, max_new_tokens=max_tokens)
+    load_s = time.perf_counter() - t_load
+
+    reports = []
+    if list_file is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for it in items:
+        target = out if it["utt"] is None else out_dir / f"{it['utt']}.wav"
+        r = _synthesize_one(backend, it["text"], it["ref"], it["prompt_text"], target, seed, stream)
+        if it["utt"] is not None:
+            r["utt"] = it["utt"]
+        peak = _peak_memory(dev)
+        _stderr_report(console, r, peak, load_s if len(reports) == 0 else None)
+        reports.append(r)
+
+    peak = _peak_memory(dev)
+    summary = {"load_seconds": round(load_s, 4), "threads": torch.get_num_threads(), "peak_memory_mib": round(peak[0], 1), "memory_source": peak[1],
+               "backend": backend.describe()}
+    if list_file is None:
+        result = {**reports[0], **summary}
+    else:
+        audio = sum(r["audio_seconds"] for r in reports)
+        wall = sum(r["wall_seconds"] for r in reports)
+        stages = {k: round(sum(r["stages"][k] for r in reports), 4)
+                  for k in ("frontend_s", "lm_s", "flow_s", "hift_s", "tokens", "sentences")}
+        result = {"items": reports, "utterances": len(reports), "audio_seconds": round(audio, 4),
+                  "wall_seconds": round(wall, 4), "rtf": round(wall / audio, 4) if audio else None,
+                  "stages": stages, "out_dir": str(out_dir), **summary}
+        console.print(f"{len(reports)} utterances → {out_dir}: {audio:.2f} s audio, RTF "
+                      f"{result['rtf'] if result['rtf'] is not None else 'n/a'}", highlight=False)
+    if json_out:
+        print(json.dumps(result))
+    elif list_file is None:
+        print(str(out))
+    else:
+        print(str(out_dir))
