@@ -11,6 +11,7 @@ Errors: a `UserError` anywhere becomes one sentence on stderr and exit code 2.
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib.metadata import entry_points
 
@@ -72,17 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="mamtra", standalone_mode=False)
     except UserError as e:
-        print(f"mamtra: error: {e}", file=sys.stderr)
+        # Under torchrun every rank meets the same bad input; one message is enough.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"mamtra: error: {e}", file=sys.stderr)
         return e.exit_code
     except typer.Exit as e:
         return e.exit_code
     except (typer.Abort, KeyboardInterrupt):
         print("mamtra: aborted", file=sys.stderr)
         return 130
-    except Exception as e:  # click usage errors carry their own exit code (2)
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:
+        # Usage errors (unknown option, missing argument) are click exceptions that carry their own exit
+        # code (2). Typer may vendor its own click, so recognise them by shape rather than by class.
+        if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             return e.exit_code
         raise

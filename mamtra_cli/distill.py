@@ -41,7 +41,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -318,28 +318,21 @@ class DistillConfig:
         return d
 
 
-@dataclass
-class StepPlan:
-    """The global batches of every epoch, grouped into optimizer steps of `grad_accum` micro-batches."""
-
-    epoch_steps: list[list[list[list[int]]]] = field(default_factory=list)  # epoch → step → micro → utts
-
-
 class Distiller:
     """setup → train → save_checkpoint, with resume. Only rank 0 prints and writes.
 
-    `log(message)` and `progress(step, total, metrics)` are the stage's hooks for stderr output."""
+    `progress(step, total, metrics)` is the stage's hook for its progress bar (called on every rank's
+    step; the stage disables the bar on ranks other than 0)."""
 
     def __init__(self, cfg: DistillConfig, teacher: SpeechLM, student: SpeechLM, train_utts: list[Utterance],
                  val_utts: list[Utterance] | None, partial: Path, env: DistEnv | None = None,
-                 device: torch.device | str = "cpu", log: Callable[[str], None] = lambda m: None,
-                 progress: Callable[[int, int, dict], None] | None = None):
+                 device: torch.device | str = "cpu", progress: Callable[[int, int, dict], None] | None = None):
         self.cfg, self.teacher, self.student = cfg, teacher, student
         self.train_utts, self.val_utts = train_utts, val_utts or []
         self.partial = Path(partial)
         self.env = env or DistEnv()
         self.device = torch.device(device)
-        self.log, self.progress = log, progress
+        self.progress = progress
         self.step = 0  # optimizer steps done
         self.position = (0, 0)  # (epoch, next step index within the epoch)
         self.metrics_path = self.partial / METRICS_FILE
@@ -394,7 +387,9 @@ class Distiller:
         return min(total, cfg.max_steps) if cfg.max_steps is not None else total
 
     # ------------------------------------------------------------------ one optimizer step
-    def _forward_micro(self, utts: list[Utterance], weight: float, global_targets: int) -> tuple[torch.Tensor, float, float]:
+    def _forward_micro(self, utts: list[Utterance], weight: float, global_targets: int
+                       ) -> tuple[torch.Tensor, float, float]:
+        """Teacher and student on this rank's utterances → (loss to backward, kl_sum, ce_sum)."""
         cfg = self.cfg
         batch = [t.to(self.device) for t in pad_batch(utts)]
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bf16"
@@ -550,7 +545,8 @@ class Distiller:
         self.student.load_state_dict(state, strict=True)
 
     def _load_trainer_state(self, ckpt: Path) -> None:
-        state = torch.load(Path(ckpt) / TRAINER_STATE_FILE, weights_only=True, map_location=self.device)
+        # CPU: RNG states must stay CPU tensors; the optimizer moves its state to the parameters itself.
+        state = torch.load(Path(ckpt) / TRAINER_STATE_FILE, weights_only=True, map_location="cpu")
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.position = (int(state["position"]["epoch"]), int(state["position"]["step_in_epoch"]))
@@ -600,7 +596,8 @@ def plot_loss_curve(metrics_path: Path, png: Path, title: str = "distillation") 
         for key in ("loss", "kl", "ce"):
             ax1.plot(steps, [r[key] for r in train], label=f"train {key}")
     ax1.set_xlabel("optimizer step")
-    ax1.set_ylabel("per target token (nats)")
+    ax1.set_yscale("log")  # KL is often orders of magnitude below CE
+    ax1.set_ylabel("per target token (nats, log scale)")
     ax1.set_title("training")
     ax1.legend()
     if val:

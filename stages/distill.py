@@ -90,6 +90,8 @@ def distill(
                            save_every=save_every, eval_every=eval_every, keep_checkpoints=keep_checkpoints)
     checkpoints.check_output_dir(out, force)
     partial = kd.partial_dir(out)
+    run_inputs = {"teacher": str(Path(teacher).resolve()), "student": str(student.resolve()),
+                  "data": str(data.resolve())}
     resume_from = None
     if resume:
         found = kd.complete_checkpoints(partial)
@@ -97,7 +99,7 @@ def distill(
             raise UserError(f"--resume: {partial} holds no complete checkpoint (a step-NNNNNN directory with "
                             "a COMPLETE marker); start without --resume.")
         resume_from = found[-1]
-        _check_resume_config(partial / kd.RUN_FILE, cfg, kd.DistillConfig.RESUME_KEYS)
+        _check_resume_config(partial / kd.RUN_FILE, cfg, kd.DistillConfig.RESUME_KEYS, run_inputs)
     elif partial.exists() and not force:
         raise UserError(f"A partial run exists in {partial}; pass --resume to continue it or --force to "
                         "discard it and start over.")
@@ -125,7 +127,7 @@ def distill(
                 if partial.exists():
                     shutil.rmtree(partial)
                 (partial / "checkpoints").mkdir(parents=True)
-                checkpoints.write_json_atomic(partial / kd.RUN_FILE, cfg.to_dict())
+                checkpoints.write_json_atomic(partial / kd.RUN_FILE, {**cfg.to_dict(), "inputs": run_inputs})
             else:
                 console.print(f"resuming from {resume_from}")
         kd.barrier(env)
@@ -140,7 +142,7 @@ def distill(
                            info=f"loss {m['loss']:.4f} kl {m['kl']:.4f} ce {m['ce']:.4f} lr {m['lr']:.2e}")
 
             trainer = kd.Distiller(cfg, teacher_lm, student_lm, train_utts, val_utts, partial, env, dev,
-                                   log=console.print, progress=progress)
+                                   progress=progress)
             trainer.setup(resume_from)
             bar.update(task, completed=trainer.step, total=trainer.total_steps)
             result = trainer.train()
@@ -182,7 +184,8 @@ def distill(
         kd.teardown_distributed(env)
 
 
-def _check_resume_config(run_file: Path, cfg, keys) -> None:
+def _check_resume_config(run_file: Path, cfg, keys, inputs: dict) -> None:
+    """A resume must use the inputs and the hyper-parameters of the interrupted run (cadences may change)."""
     import json
 
     from mamtra_cli.errors import UserError
@@ -191,6 +194,10 @@ def _check_resume_config(run_file: Path, cfg, keys) -> None:
         saved = json.loads(run_file.read_text())
     except (OSError, json.JSONDecodeError):
         raise UserError(f"--resume: {run_file} is missing or unreadable; start the run again without --resume.") from None
+    for k, v in inputs.items():
+        if saved.get("inputs", {}).get(k) != v:
+            raise UserError(f"--resume: --{k} is {v} but the interrupted run used {saved.get('inputs', {}).get(k)}; "
+                            "resume with the same inputs.")
     now = cfg.to_dict()
     for k in keys:
         if saved.get(k) != now.get(k):

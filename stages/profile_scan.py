@@ -81,7 +81,7 @@ def profile_scan(
             c_ms, r_ms = P.median(cached) * 1e3, P.median(recompute) * 1e3
             decode_rows.append({"model": s.name, "layout": s.layout, "length": n, "cached_ms_per_token": c_ms,
                                 "recompute_ms_per_token": r_ms, "speedup": r_ms / c_ms})
-        del lm
+        lm = None  # free before building the next model
 
     notes = [f"(b) uses {layers} layers of {arch}'s real sizes (random weights, {dtype}), batch 1",
              f"medians of {repeats} repeats; {torch.get_num_threads()} CPU threads"]

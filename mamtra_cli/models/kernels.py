@@ -158,8 +158,9 @@ def state_step(
     B: Tensor,
     C: Tensor,
     use_kernels: bool = True,
+    inplace: bool = False,
 ) -> Tuple[Tensor, Tensor]:
-    """One decoding step; same contract as `ssd.ssd_step` (the input state is not modified).
+    """One decoding step; same contract as `ssd.ssd_step` (the input state is modified only when inplace).
 
     state: (batch, nheads, headdim, dstate); x: (batch, nheads, headdim); dt: (batch, nheads);
     A: (nheads,); B, C: (batch, nheads, dstate). Returns y (batch, nheads, headdim) in x.dtype and the
@@ -178,10 +179,10 @@ def state_step(
         # expands are what it expects for a scalar-per-head A (it then computes one decay per head).
         dt_e = dt[:, :, None].expand(b, h, p)
         A_e = A.float()[:, None, None].expand(h, p, n)
-        new_state = state.clone()  # the kernel updates in place; keep this function pure
+        new_state = state if inplace else state.clone()  # the kernel updates its state argument in place
         y = kernel(new_state, x, dt_e, A_e, B, C)
         return y, new_state
-    return ssd_step(state, x, dt, A, B, C)
+    return ssd_step(state, x, dt, A, B, C, inplace=inplace)
 
 
 def _conv_kernel_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state: Optional[Tensor]) -> bool:
@@ -258,8 +259,9 @@ def causal_conv_step(
     weight: Tensor,
     bias: Optional[Tensor],
     use_kernels: bool = True,
+    inplace: bool = False,
 ) -> Tuple[Tensor, Tensor]:
-    """One token of `causal_conv` (the input state is not modified).
+    """One token of `causal_conv` (the input state is modified only when inplace).
 
     x_t: (batch, channels); conv_state: (batch, channels, width), most recent input at index -1;
     weight: (channels, 1, width); bias: (channels,) or None. Returns out_t (batch, channels) in
@@ -268,11 +270,19 @@ def causal_conv_step(
     _check_conv(x_t[:, None, :], weight, conv_state)
     if use_kernels and _conv_kernel_ok(x_t, weight, bias, conv_state) and conv_state.dtype == x_t.dtype:
         kernel = _get("causal_conv1d_update")
-        new_state = conv_state.clone()  # updated in place by the kernel
+        new_state = conv_state if inplace else conv_state.clone()  # the kernel updates it in place
         out = kernel(x_t, new_state, weight[:, 0, :], bias)
         return out, new_state
-    new_state = torch.cat([conv_state[:, :, 1:], x_t[:, :, None].to(conv_state.dtype)], dim=-1)
     cdt = torch.promote_types(torch.promote_types(x_t.dtype, weight.dtype), conv_state.dtype)
+    if inplace and conv_state.dtype == x_t.dtype:
+        # Shift the window left by one and put the newest input last, without allocating a new state.
+        conv_state.copy_(conv_state.roll(-1, dims=-1))
+        conv_state[:, :, -1] = x_t
+        out = (conv_state.to(cdt) * weight[:, 0, :].to(cdt)).sum(-1)
+        if bias is not None:
+            out = out + bias.to(cdt)
+        return out.to(x_t.dtype), conv_state
+    new_state = torch.cat([conv_state[:, :, 1:], x_t[:, :, None].to(conv_state.dtype)], dim=-1)
     # The newest input enters at full precision, as it does in `causal_conv`.
     window = torch.cat([conv_state[:, :, 1:].to(cdt), x_t[:, :, None].to(cdt)], dim=-1)
     out = (window * weight[:, 0, :].to(cdt)).sum(-1)

@@ -100,9 +100,9 @@ class Mamba2Mixer(nn.Module):
             xBC = xBC * mask[..., None].to(xBC.dtype)
         w, wb = self.conv1d.weight, self.conv1d.bias  # (conv_dim, 1, d_conv), (conv_dim,)
         if cache is not None and l == 1:
-            xc, new_conv = kernels.causal_conv_step(xBC[:, 0], cache.conv_state, w, wb)
+            # Decode: the cache's states are updated in place (no per-token copies of the state).
+            xc, _ = kernels.causal_conv_step(xBC[:, 0], cache.conv_state, w, wb, inplace=True)
             xBC = xc[:, None]
-            cache.conv_state.copy_(new_conv)
         else:
             xBC, new_conv = kernels.causal_conv(xBC, w, wb, cache.conv_state if cache is not None else None)
             if cache is not None:
@@ -117,10 +117,9 @@ class Mamba2Mixer(nn.Module):
             dt = dt * mask[..., None].float()
         A = -torch.exp(self.A_log.float())  # (n_h,)
         if cache is not None and l == 1:
-            y, new_state = kernels.state_step(cache.ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0],
-                                              use_kernels=self.use_kernels)
+            y, _ = kernels.state_step(cache.ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0],
+                                      use_kernels=self.use_kernels, inplace=True)
             y = y[:, None]
-            cache.ssm_state.copy_(new_state)
         else:
             y, final_state = kernels.chunk_scan(x, dt, A, B, C, self.chunk_size,
                                                 initial_state=cache.ssm_state if cache is not None else None,

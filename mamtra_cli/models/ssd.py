@@ -193,8 +193,9 @@ def ssd_chunked(
     return y.to(out_dtype), final_state
 
 
-def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tuple[Tensor, Tensor]:
-    """One recurrent decoding step.
+def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+             inplace: bool = False) -> Tuple[Tensor, Tensor]:
+    """One recurrent decoding step: state ← exp(dt·A)·state + dt·x ⊗ B; y = state · C.
 
     Args:
         state: (batch, nheads, headdim, dstate), any float dtype.
@@ -202,19 +203,31 @@ def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
         dt: (batch, nheads), softplus'ed.
         A: (nheads,).
         B, C: (batch, nheads, dstate).
+        inplace: update `state` itself (the decode cache) instead of returning a fresh tensor.
 
     Returns:
         y: (batch, nheads, headdim) in x.dtype.
-        new_state: same shape and dtype as state.
+        new_state: same shape and dtype as state (`state` itself when inplace).
+
+    Decode is memory-bound: the state (3.7 MB at batch 16 in fp32) is the only large tensor, so the update
+    touches it as few times as possible — one scale, one batched rank-1 update (baddbmm), one read for y —
+    instead of materialising the outer product x ⊗ B and adding it in a separate pass.
     """
     cdt = _compute_dtype(state, x, dt, A, B, C)
-    s = state.to(cdt)
+    b, h, p, n = state.shape
     dtf = dt.to(cdt)
     decay = torch.exp(dtf * A.to(cdt))[..., None, None]  # (b, h, 1, 1)
-    inject = (x.to(cdt) * dtf[..., None])[..., :, None] * B.to(cdt)[..., None, :]  # (b, h, p, n)
-    s = torch.addcmul(inject, s, decay)
-    y = torch.matmul(s, C.to(cdt)[..., :, None])[..., 0]
-    return y.to(x.dtype), s.to(state.dtype)
+    if inplace and state.dtype == cdt:
+        new = state.mul_(decay)
+    else:
+        new = state.to(cdt) * decay  # one pass: read the state, write the scaled copy in the compute dtype
+    flat = new.view(b * h, p, n)
+    xdt = (x.to(cdt) * dtf[..., None]).reshape(b * h, p, 1)
+    flat.baddbmm_(xdt, B.to(cdt).reshape(b * h, 1, n))
+    y = torch.bmm(flat, C.to(cdt).reshape(b * h, n, 1)).view(b, h, p)
+    if new.dtype != state.dtype:
+        new = state.copy_(new) if inplace else new.to(state.dtype)
+    return y.to(x.dtype), new
 
 
 def ssd_sequential_reference(

@@ -395,3 +395,32 @@ def test_kernels_match_pure_path(dtype):
     ot_k, st_k = causal_conv_step(xc[:, 0], st, weight, bias, use_kernels=True)
     ot_p, st_p = causal_conv_step(xc[:, 0], st, weight, bias, use_kernels=False)
     assert rel_err(ot_k.cpu(), ot_p.cpu()) < tol and torch.equal(st_k, st_p)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_inplace_decode_steps_equal_pure_steps(state_dtype):
+    """The decode cache is updated in place for speed; it must compute exactly what the pure step does."""
+    from mamtra_cli.models.kernels import causal_conv_step, state_step
+
+    g = torch.Generator().manual_seed(3)
+    b, h, p, n, L = 2, 4, 8, 6, 9
+    state_pure = torch.randn(b, h, p, n, generator=g).to(state_dtype)
+    state_inpl = state_pure.clone()
+    conv_pure = torch.randn(b, 10, 4, generator=g).to(state_dtype)
+    conv_inpl = conv_pure.clone()
+    w, bias = torch.randn(10, 1, 4, generator=g).to(state_dtype), torch.randn(10, generator=g).to(state_dtype)
+    A = -torch.rand(h, generator=g) - 0.5
+    for _ in range(L):
+        x = torch.randn(b, h, p, generator=g).to(state_dtype)
+        dt = torch.rand(b, h, generator=g)
+        B, C = torch.randn(b, h, n, generator=g), torch.randn(b, h, n, generator=g)
+        y1, state_pure = state_step(state_pure, x, dt, A, B, C)
+        y2, same = state_step(state_inpl, x, dt, A, B, C, inplace=True)
+        assert same is state_inpl
+        assert torch.equal(y1, y2)
+        xc = torch.randn(b, 10, generator=g).to(state_dtype)
+        o1, conv_pure = causal_conv_step(xc, conv_pure, w, bias)
+        o2, same_conv = causal_conv_step(xc, conv_inpl, w, bias, inplace=True)
+        assert same_conv is conv_inpl
+        torch.testing.assert_close(o1, o2, atol=0, rtol=0)
+    assert torch.equal(state_pure, state_inpl) and torch.equal(conv_pure, conv_inpl)

@@ -134,6 +134,9 @@ def test_sigkill_then_resume_is_bit_identical(setup_dirs, tmp_path):
     saved = kd.complete_checkpoints(kd.partial_dir(out))
     assert saved and saved[-1].name != "step-000024"
 
+    other_lr = [a if a != "3e-3" else "1e-3" for a in args]
+    assert main(["distill", *other_lr, "--out", str(out), "--resume"]) == 2  # settings must match the killed run
+
     resumed = subprocess.run([*cmd, "--out", str(out), "--resume"], env=env(), capture_output=True, text=True,
                              timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
