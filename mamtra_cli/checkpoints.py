@@ -108,14 +108,50 @@ def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, out)
+
+
+def replace_dir(src: Path, out: Path) -> None:
+    """Rename the finished directory `src` to `out`, replacing an old `out` so that at every instant one
+    complete directory exists (the old one is moved aside first and removed last)."""
+    src, out = Path(src), Path(out)
     if out.exists():
-        # Move the old output aside first so that at every instant one complete directory exists.
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-        os.replace(tmp, out)
+        os.replace(src, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, out)
+        os.replace(src, out)
+
+
+def load_foreign_checkpoint(path: Path, fix: str):
+    """`torch.load` a checkpoint we did not write (CosyVoice's llm.pt, flow.pt, hift.pt): weights_only=True
+    (no code runs from the pickle) and memory-mapped, falling back to a plain read for the legacy non-zip
+    format, which cannot be mapped. Any failure is one UserError sentence ending in `fix`."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Checkpoint {path} does not exist or is not a file; {fix}.")
+    try:
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # a real pickle that would run or build foreign objects
+            culprit = str(e).split("Unsupported global:", 1)[-1].strip().splitlines()[0][:120]
+            raise UserError(f"{path} holds more than plain tensors ({culprit}), so it is not loaded "
+                            f"(weights_only=True); {fix}.") from None
+        raise UserError(f"Cannot read {path} as a PyTorch checkpoint (not a valid pickle); {fix}.") from None
+    except Exception as e:  # noqa: BLE001 - zip, EOF, format errors: all mean "not a usable checkpoint"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0].rstrip(".")
+        raise UserError(f"Cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {first[:200]}); "
+                        f"{fix}.") from None
 
 
 def save_model_dir(directory: Path, config, state_dict: dict, manifest: dict) -> None:

@@ -35,8 +35,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -445,7 +443,7 @@ def prepare(
     """
     from rich.console import Console
 
-    from mamtra_cli.checkpoints import file_fingerprint, run_manifest, write_json_atomic
+    from mamtra_cli.checkpoints import file_fingerprint, replace_dir, run_manifest, write_json_atomic
     from mamtra_cli.errors import UserError
     from mamtra_cli.frontend.text import NORMALIZATION_VERSION, TextTokenizer
 
@@ -599,13 +597,7 @@ def prepare(
     for split in ("train", "val"):
         if not any((work / split).iterdir()):
             (work / split).rmdir()
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out)
+    replace_dir(work, out)
     summary["out"] = str(out)
     _print_summary(summary, json_out, console)
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mamtra_cli.checkpoints import state_dict_problems
+from mamtra_cli.checkpoints import load_foreign_checkpoint, state_dict_problems
 from mamtra_cli.errors import UserError
 
 __all__ = [
@@ -907,17 +907,7 @@ def load_flow(path: Path, yaml_path: Path | None = None, device: str | torch.dev
     """
     path = Path(path)
     fix = "pass the flow.pt of a CosyVoice 2 model directory (torch.save(flow.state_dict()))"
-    if not path.is_file():
-        raise UserError(f"Flow checkpoint {path} does not exist or is not a file; {fix}.")
-    try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as e:  # noqa: BLE001 - any failure to unpickle means "not a checkpoint"
-        raise UserError(f"Cannot read {path} as a PyTorch checkpoint ({type(e).__name__}); {fix}.") from None
+    sd = load_foreign_checkpoint(path, fix)
     if not isinstance(sd, Mapping) or not sd or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
     ):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
-from mamtra_cli.checkpoints import state_dict_problems
+from mamtra_cli.checkpoints import load_foreign_checkpoint, state_dict_problems
 from mamtra_cli.errors import UserError
 
 __all__ = [
@@ -568,21 +568,7 @@ def export_state_dict(model: HiFTVocoder, naming: str = "parametrizations") -> d
 
 
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise UserError(f"HiFT checkpoint {path} does not exist or is not a file; pass the hift.pt of a "
-                        f"CosyVoice 2 model directory.")
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            # Files written with the legacy (non-zip) torch.save format cannot be memory-mapped.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unpickling/zip/format error means "not a usable checkpoint"
-        raise UserError(f"Cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else 'no details'}); pass CosyVoice's hift.pt "
-                        f"(a torch.save'd state_dict).") from None
+    obj = load_foreign_checkpoint(path, "pass the hift.pt of a CosyVoice 2 model directory (a torch.save'd state_dict)")
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj or not all(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mamtra_cli.checkpoints import load_foreign_checkpoint
 from mamtra_cli.errors import UserError
 from mamtra_cli.hyperpyyaml import Tagged, load_hyperpyyaml  # noqa: F401 (re-exported)
 from mamtra_cli.models.config import ATTENTION, ModelConfig
@@ -196,35 +197,6 @@ def _few(keys: list[str], n: int = 3) -> str:
     return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def _torch_load(llm_pt: Path):
-    import pickle
-    import zipfile
-
-    import torch
-
-    def load(mmap: bool):
-        return torch.load(str(llm_pt), map_location="cpu", weights_only=True, mmap=mmap)
-
-    try:
-        try:
-            return load(True)
-        except RuntimeError as e:
-            # Files in the legacy (pre-1.6, non-zip) format cannot be memory-mapped.
-            if "mmap" not in str(e):
-                raise
-            return load(False)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{llm_pt} cannot be loaded safely as plain tensors (weights_only=True refused it: "
-                        f"{first[:200]}); pass a CosyVoice 2 llm.pt state_dict.") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError,
-            TypeError, IndexError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        first = first.split(". ")[0].rstrip(".")
-        raise UserError(f"Cannot read {llm_pt} as a PyTorch checkpoint ({first[:200]}); the file is "
-                        "truncated or not an llm.pt — download or copy it again.") from None
-
-
 def _locate(path: Path, config_json: Path | None) -> tuple[Path, Path, Path | None]:
     path = Path(path)
     if not path.exists():
@@ -274,7 +246,7 @@ def load_cosyvoice2_lm(path: Path, config_json: Path | None = None):
     llm_pt, config_json, yaml_path = _locate(Path(path), config_json)
     q = _read_qwen_config(config_json)
 
-    obj = _torch_load(llm_pt)
+    obj = load_foreign_checkpoint(llm_pt, "pass a CosyVoice 2 llm.pt (a torch.save'd Qwen2LM state_dict)")
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict) \
             and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         obj = obj["state_dict"]
