@@ -46,6 +46,14 @@ def resolve_backend(model: Optional[str], assets: Optional[Path], device: str = 
     if not path.exists():
         raise UserError(f"Model {model} does not exist; pass a bundle from `mamtra export` or a model directory "
                         "with --assets.")
+    # A mini voice directory (`mamtra build-mini`) holds its LM, character vocabulary and codec together;
+    # a hybrid made from it (transfer/distill) borrows the codec with --assets MINI_DIR.
+    mini_dir = path if assets is None else assets
+    if path.is_dir() and (Path(mini_dir) / "codec.yaml").is_file():
+        from mamtra_cli.mini.backend import MiniBackend
+
+        if MiniBackend.accepts(path, mini_dir):
+            return MiniBackend(path, codec_dir=mini_dir)
     if assets is None:
         if B.has_cosyvoice2_assets(path):
             assets = path
@@ -57,9 +65,15 @@ def resolve_backend(model: Optional[str], assets: Optional[Path], device: str = 
 
 
 def _default_backend(device: str):
-    # Hook for the built-in default model (a later issue): return its SynthesisBackend here.
-    raise UserError("no default model yet: pass --model BUNDLE (from `mamtra export`) or --model LM_DIR "
-                    "--assets COSYVOICE2_DIR.")
+    """The built-in mini voice when the package ships one (`mamtra_cli/builtin/mini/`)."""
+    from mamtra_cli.mini import BUILTIN_DIR
+
+    if (BUILTIN_DIR / "codec.yaml").is_file():
+        from mamtra_cli.mini.backend import MiniBackend
+
+        return MiniBackend()
+    raise UserError("This version ships no default voice: pass --model BUNDLE (from `mamtra export`), "
+                    "--model LM_DIR --assets COSYVOICE2_DIR, or a voice made by `mamtra build-mini`.")
 
 
 class WavWriter:

@@ -318,7 +318,10 @@ def train_decoder(codec: MiniCodec, mel_norm: list[torch.Tensor], lin_norm: list
         targets.append(lin)
     decoder = CodecDecoder(cfg)
     opt = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.05)
+    # OneCycleLR needs at least two steps in each phase (a toy run has only a few dozen steps).
+    steps = max(steps, 4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                pct_start=min(0.5, max(0.05, 2.5 / steps)))
     crop = crop_tokens * f
     running = None
     for step in range(steps):

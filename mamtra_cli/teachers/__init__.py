@@ -17,8 +17,17 @@ BUILTIN_NAMES = ("mini",)  # future built-in teachers, addressed by name instead
 
 
 def _load_builtin(name: str):
-    # Hook: built-in teachers (e.g. a small pretrained "mini" model shipped with MamTra) are resolved here.
-    raise UserError(f"the built-in {name} model is not available in this version")
+    """Built-in teachers shipped inside the package (`mamtra_cli/builtin/<name>/`, made by `mamtra build-mini`)."""
+    from mamtra_cli import checkpoints
+    from mamtra_cli.mini import BUILTIN_DIR
+    from mamtra_cli.models.speech_lm import load_model_dir
+
+    if not checkpoints.is_model_dir(BUILTIN_DIR):
+        raise UserError(f"The built-in {name} model is not shipped in this version; build one with "
+                        f"`mamtra build-mini --out DIR` and pass --teacher DIR.")
+    info = {"format": "mamtra-builtin", "name": name, "path": str(BUILTIN_DIR),
+            "weights": checkpoints.file_fingerprint(BUILTIN_DIR / checkpoints.WEIGHTS_FILE)}
+    return load_model_dir(BUILTIN_DIR).eval(), info
 
 
 def load_teacher(spec, config_json: Path | None = None):

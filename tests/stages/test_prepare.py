@@ -3,7 +3,6 @@
 import json
 import math
 from importlib.metadata import EntryPoint, entry_points
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -127,7 +127,7 @@ def _bad_inputs(pipeline, tmp: Path) -> dict:
         "empty text": (["  ", "--ref", ref, "--model", bundle], "empty"),
         "only punctuation": (["?! ...", "--ref", ref, "--model", bundle], "only punctuation"),
         "bundle missing a file": ([TEXT, "--ref", ref, "--model", broken], "missing hift.safetensors"),
-        "no model": ([TEXT, "--ref", ref], "no default model yet"),
+        "no model": ([TEXT, "--ref", ref], "ships no default voice"),
     }
 
 

@@ -314,7 +314,7 @@ def test_lm_head_optional_and_training_extras_accepted(tiny_dir):
 
 
 def test_load_teacher_other_specs(tmp_path, tiny_dir):
-    with pytest.raises(UserError, match="built-in mini model is not available"):
+    with pytest.raises(UserError, match="built-in mini model is not shipped"):
         load_teacher("mini")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="neither a CosyVoice 2 model directory"):
