@@ -328,7 +328,40 @@ class LMWorkload:
                 "tokens": rep.tokens}
 
 
-WORKLOADS: dict[str, type] = {"lm": LMWorkload}
+@dataclass
+class SynthesisWorkload:
+    """End-to-end synthesis through a `SynthesisBackend` — a bundle from `mamtra export` (front end → LM →
+    flow → HiFT) or a mini voice directory: prompt preparation from `ref`, then `text` to audio. The
+    backend's weights are loaded in `setup` and a short warm-up sentence runs there, so the measured peak is
+    what one utterance's work adds on top (caches, activations, audio buffers)."""
+
+    text: str
+    ref: str
+    ref_text: str | None = None
+    seed: int = 0
+    max_new_tokens: int | None = None
+
+    name = "synth"
+
+    def setup(self, spec: ModelSpec, device) -> None:
+        from stages.synthesize import resolve_backend
+
+        self.backend = resolve_backend(spec.path, None, device=str(device), max_new_tokens=self.max_new_tokens)
+        mods = [m for m in vars(self.backend).values() if isinstance(m, torch.nn.Module)]
+        self.weights_bytes = sum(t.numel() * t.element_size() for m in mods for t in m.state_dict().values())
+        prompt = self.backend.prepare_prompt(Path(self.ref), self.ref_text)
+        for _ in self.backend.synthesize("Hello.", prompt, seed=self.seed):
+            pass
+
+    def run(self) -> dict:
+        tokens0 = self.backend.stats.tokens
+        prompt = self.backend.prepare_prompt(Path(self.ref), self.ref_text)
+        samples = sum(len(chunk) for chunk in self.backend.synthesize(self.text, prompt, seed=self.seed))
+        return {"cache_bytes": 0, "samples": samples, "audio_seconds": samples / self.backend.sample_rate,
+                "tokens": self.backend.stats.tokens - tokens0, "weights_bytes": self.weights_bytes}
+
+
+WORKLOADS: dict[str, type] = {"lm": LMWorkload, "synth": SynthesisWorkload}
 
 
 def resolve_workload(ref: str) -> type:

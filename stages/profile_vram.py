@@ -106,6 +106,11 @@ def profile_vram(
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for vram.csv, vram.json and vram.png."),
     seed: int = typer.Option(0, "--seed", help="Seed of random weights and inputs."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the worker processes."),
+    bundle: Optional[List[Path]] = typer.Option(None, "--bundle", help="Profile end-to-end synthesis of this bundle (`mamtra export`) or mini voice dir instead of the LM alone (repeatable)."),
+    text: str = typer.Option("Hello, how are you doing today? This is a longer sentence for profiling.", "--text", help="With --bundle: the text to synthesise."),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="With --bundle: the reference voice wav."),
+    ref_text: Optional[str] = typer.Option(None, "--ref-text", help="With --bundle: the reference's transcript."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="With --bundle: cap on generated speech tokens."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
     """Peak memory of the LM's synthesis work per model, batch and length, and streams/ms-per-token on --gpu.
@@ -121,8 +126,9 @@ def profile_vram(
     Planning on --gpu: streams = ⌊(card memory − weights) ÷ (peak ÷ batch)⌋; bandwidth floor ms/step =
     (weights read per step + cache bytes) ÷ card bandwidth.
 
-    Other workloads (end-to-end synthesis) plug in through mamtra_cli.profiling.measure_peak: see its
-    module docstring.
+    With --bundle (a `mamtra export` bundle or a mini voice dir) the whole pipeline is profiled instead:
+    front end, LM, flow and vocoder on --text with --ref, peak over the loaded backend, plus the weights.
+    Other workloads plug in through mamtra_cli.profiling.measure_peak.
 
     Example: mamtra profile vram --gpu a6000 --arch cosyvoice2-0.5b --lengths 256,1024 --batch 1,16 --out prof
     """
@@ -149,6 +155,9 @@ def profile_vram(
     if fill not in ("prefill", "synthetic"):
         raise UserError(f"Unknown --fill {fill!r}; use prefill or synthetic.")
 
+    if bundle:
+        return _profile_bundles(bundle, text, ref, ref_text, max_tokens, card, device, seed, threads, out, json_out,
+                                console)
     if eval_list is not None:
         utts = eval_list_lengths(eval_list)
         longest = max(utts, key=lambda u: u["total_tokens"])
@@ -219,3 +228,55 @@ def profile_vram(
               f"{r['plan_max_streams']}\t{r['plan_floor_ms_per_step']:.3f}")
     for n in notes:
         print(f"note: {n}")
+
+
+def _profile_bundles(bundles, text, ref, ref_text, max_tokens, card, device, seed, threads, out, json_out,
+                     console) -> None:
+    """End-to-end synthesis peak per bundle (the `synth` workload), and streams of it on the card."""
+    import json
+
+    from mamtra_cli import profiling as P
+    from mamtra_cli.errors import UserError
+    from mamtra_cli.models.config import ModelConfig
+
+    if ref is None or not Path(ref).is_file():
+        raise UserError("--bundle needs --ref: the reference voice wav to clone (an existing file).")
+    rows = []
+    for b in bundles:
+        cfg_path = next((c for c in (Path(b) / "lm" / "config.yaml", Path(b) / "config.yaml") if c.is_file()), None)
+        if cfg_path is None:
+            raise UserError(f"{b} is neither a bundle from `mamtra export` nor a mini voice directory "
+                            "(no lm/config.yaml or config.yaml).")
+        spec = P.ModelSpec(name=Path(b).name, config=ModelConfig.load(cfg_path), source=str(b), path=str(b), seed=seed)
+        kwargs = {"text": text, "ref": str(Path(ref).resolve()), "ref_text": ref_text, "seed": seed,
+                  "max_new_tokens": max_tokens}
+        with console.status(f"{spec.name}: end-to-end synthesis on {device}"):
+            m = P.measure_peak(spec, "synth", kwargs, device=device, threads=threads)
+        free = card["memory_gib"] * 2**30 - m["weights_bytes"]
+        rows.append({"model": spec.name, "layout": spec.layout, "peak_bytes": m["workload_peak_bytes"],
+                     "peak_mb": P.mb(m["workload_peak_bytes"]), "weights_bytes": m["weights_bytes"],
+                     "baseline_bytes": m["baseline_bytes"], "method": m["method"], "tokens": m["tokens"],
+                     "audio_seconds": m["audio_seconds"], "seconds": m["seconds"],
+                     "rtf": m["seconds"] / m["audio_seconds"] if m["audio_seconds"] else None,
+                     "plan_max_streams": int(free // m["workload_peak_bytes"]) if m["workload_peak_bytes"] > 0 else None})
+    result = {"gpu": card, "device": device, "workload": "synth", "text": text, "rows": rows,
+              "notes": ["peak = extra memory of one utterance's synthesis over the loaded backend (weights "
+                        "excluded); streams = (card memory − weights) ÷ that peak"]}
+    if out is not None:
+        P.write_csv(out / "vram_synth.csv", rows)
+        P.write_json(out / "vram_synth.json", result)
+        P.plot_bars(out / "vram_synth.png", ["end-to-end synthesis"], {r["model"]: [r["peak_mb"]] for r in rows},
+                    "bundle", "peak working memory (MB, weights excluded)", f"Synthesis memory ({device})",
+                    note=result["notes"][0])
+        result["files"] = {k: str(out / f"vram_synth.{k}") for k in ("csv", "json", "png")}
+    if json_out:
+        print(json.dumps(result))
+        return
+    print(f"bundle\tpeak MB\tweights MB\ttokens\taudio s\tRTF\tstreams on {card['name']}")
+    for r in rows:
+        rtf = "-" if r["rtf"] is None else f"{r['rtf']:.3f}"
+        print(f"{r['model']}\t{r['peak_mb']:.1f}\t{P.mb(r['weights_bytes']):.1f}\t{r['tokens']}\t"
+              f"{r['audio_seconds']:.2f}\t{rtf}\t{r['plan_max_streams']}")
+    for n in result["notes"]:
+        print(f"note: {n}")
+

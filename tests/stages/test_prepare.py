@@ -274,3 +274,28 @@ def test_speaker_split_is_seeded_and_never_empties_train():
     assert prep.split_speakers(spk, 0.0, 0) == set()
     assert prep.split_speakers(["x"], 0.5, 0) == set()
     assert len(prep.split_speakers(["x", "y"], 0.9, 0)) == 1
+
+
+def test_prepared_manifests_feed_score_and_distill(tmp_path, assets, libritts, monkeypatch, capsys):
+    """What prepare writes is what score and distill read: a tiny teacher with the stand-in tokenizers'
+    vocabularies scores the prepared data and distils a hybrid on it."""
+    from mamtra_cli.frontend.text import TextTokenizer
+    from mamtra_cli.teachers.tiny import make_tiny_cosyvoice2_dir
+
+    data = tmp_path / "data"
+    assert run(["--source", "libritts", "--input", libritts, "--assets", assets, "--out", data,
+                "--val-fraction", "0.2", "--seed", "3", "--json"], monkeypatch) == 0
+    capsys.readouterr()
+    _, utts = read_manifest(data / "train")
+    text_vocab = TextTokenizer.from_dir(assets / "CosyVoice-BlankEN").vocab_size
+    assert max(t for u in utts for t in u.text_tokens) < text_vocab
+    teacher = make_tiny_cosyvoice2_dir(tmp_path / "teacher", layers=2, hidden=32, heads=4, kv_heads=2,
+                                       intermediate=64, text_vocab=text_vocab, speech_tokens=6561)
+    assert cli.main(["score", "--model", str(teacher), "--data", str(data / "val"), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["utterances"] == len(read_manifest(data / "val")[1]) and scored["ce"] > 0
+    assert cli.main(["transfer", "--teacher", str(teacher), "--ratio", "1:1", "--out", str(tmp_path / "s")]) == 0
+    assert cli.main(["distill", "--teacher", str(teacher), "--student", str(tmp_path / "s"), "--data",
+                     str(data / "train"), "--val", str(data / "val"), "--out", str(tmp_path / "kd"),
+                     "--max-steps", "2", "--threads", "1", "--eval-every", "2"]) == 0
+    assert (tmp_path / "kd" / "model.safetensors").is_file()

@@ -152,3 +152,18 @@ def test_wav_writer_leaves_nothing_on_failure(tmp_path):
             w.write(np.zeros(480, dtype=np.float32))
             raise RuntimeError("interrupted mid-utterance")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_profile_vram_runs_the_whole_pipeline_of_a_bundle(pipeline, capsys, tmp_path):
+    rc, out, err = run(capsys, "profile", "vram", "--gpu", "a6000", "--bundle", pipeline["bundle"], "--ref",
+                       pipeline["ref"], "--ref-text", REF_TEXT, "--text", TEXT, "--max-tokens", 30,
+                       "--threads", 1, "--out", tmp_path / "prof", "--json")
+    assert rc == 0, err
+    result = json.loads(out)
+    (row,) = result["rows"]
+    assert result["workload"] == "synth" and row["model"] == "bundle"
+    assert 0 < row["tokens"] <= 30 and row["audio_seconds"] == pytest.approx(row["tokens"] * 0.04, rel=1e-6)
+    assert row["peak_bytes"] > 0 and row["weights_bytes"] > 0 and row["plan_max_streams"] > 0
+    assert (tmp_path / "prof" / "vram_synth.png").is_file()
+    rc, _, err = run(capsys, "profile", "vram", "--bundle", pipeline["bundle"])
+    assert rc == 2 and "--ref" in err
