@@ -45,5 +45,5 @@ def score(
     if json_out:
         print(json.dumps(result))
     else:
-        print(f"ce\t{result['ce']:.6f}\naccuracy\t{result['accuracy']:.6f}\ntokens\t{result['tokens']}\n"
+        print(f"model\t{model}\nce\t{result['ce']:.6f}\naccuracy\t{result['accuracy']:.6f}\ntokens\t{result['tokens']}\n"
               f"utterances\t{result['utterances']}")
