@@ -524,6 +524,15 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def write_results(out: Path, stem: str, rows: list[dict], result: dict, plot: Callable[[Path], None]) -> None:
+    """A profile's files in `out`: STEM.csv (the rows), STEM.json (the result) and STEM.png (`plot(path)`);
+    their paths are then recorded in result["files"] for --json."""
+    write_csv(out / f"{stem}.csv", rows)
+    write_json(out / f"{stem}.json", result)
+    plot(out / f"{stem}.png")
+    result["files"] = {k: str(out / f"{stem}.{k}") for k in ("csv", "json", "png")}
+
+
 def _pyplot():
     import matplotlib
 

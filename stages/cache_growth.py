@@ -146,13 +146,11 @@ def cache_growth(
         rows = [{"model": s.name, "layout": s.layout, "tokens": n, "cache_mb": measured[s.name][n]["mb"],
                  "cache_bytes": measured[s.name][n]["measured_bytes"],
                  "analytic_bytes": measured[s.name][n]["analytic_bytes"]} for s in specs for n in wanted]
-        P.write_csv(out / "cache_growth.csv", rows)
-        P.write_json(out / "cache_growth.json", result)
-        P.plot_lines(out / "cache_growth.png",
-                     {s.name: (wanted, [measured[s.name][n]["mb"] for n in wanted]) for s in specs},
-                     "sequence length (tokens)", f"decode cache (MB, {dtype}, batch {batch})",
-                     "Cache growth: teacher vs hybrids", note="; ".join(notes))
-        result["files"] = {k: str(out / f"cache_growth.{k}") for k in ("csv", "json", "png")}
+        P.write_results(out, "cache_growth", rows, result,
+                        lambda png: P.plot_lines(png,
+                                 {s.name: (wanted, [measured[s.name][n]["mb"] for n in wanted]) for s in specs},
+                                 "sequence length (tokens)", f"decode cache (MB, {dtype}, batch {batch})",
+                                 "Cache growth: teacher vs hybrids", note="; ".join(notes)))
     if json_out:
         print(json.dumps(result))
         return

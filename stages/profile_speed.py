@@ -157,15 +157,13 @@ def profile_speed(
               "models": [{"name": s.name, "layout": s.layout, "source": s.source} for s in specs],
               "rows": rows, "reference": ref_rows, "notes": notes}
     if out is not None:
-        P.write_csv(out / "speed.csv", [{k: v for k, v in r.items() if k != "decode_samples_ms"} for r in rows])
-        P.write_json(out / "speed.json", result)
-        P.plot_lines(out / "speed.png",
-                     {f"{s.name} b={b}": (ctxs, [next(r["decode_tokens_per_s"] for r in rows if r["model"] == s.name
-                                                      and r["batch"] == b and r["context"] == c) for c in ctxs])
-                      for s in specs for b in batches},
-                     "context (tokens)", "decode throughput (tokens/s, all streams)",
-                     f"Decode speed ({device}, {dtype})", logx=True, note=notes[0])
-        result["files"] = {k: str(out / f"speed.{k}") for k in ("csv", "json", "png")}
+        P.write_results(out, "speed", [{k: v for k, v in r.items() if k != "decode_samples_ms"} for r in rows], result,
+                        lambda png: P.plot_lines(png,
+                                 {f"{s.name} b={b}": (ctxs, [next(r["decode_tokens_per_s"] for r in rows if r["model"] == s.name
+                                                                  and r["batch"] == b and r["context"] == c) for c in ctxs])
+                                  for s in specs for b in batches},
+                                 "context (tokens)", "decode throughput (tokens/s, all streams)",
+                                 f"Decode speed ({device}, {dtype})", logx=True, note=notes[0]))
     if json_out:
         print(json.dumps(result))
         return

@@ -209,15 +209,13 @@ def profile_vram(
               "models": [{"name": s.name, "layout": s.layout, "source": s.source} for s in specs],
               "rows": rows, "notes": notes}
     if out is not None:
-        P.write_csv(out / "vram.csv", rows)
-        P.write_json(out / "vram.json", result)
         groups = [(c["case"], b) for c in cases for b in batches]
-        P.plot_bars(out / "vram.png", [f"{c}\nbatch {b}" for c, b in groups],
-                    {s.name: [next(r["peak_mb"] for r in rows if r["model"] == s.name and r["case"] == c
-                                   and r["batch"] == b) for c, b in groups] for s in specs},
-                    "length / batch", f"peak LM working memory (MB, {dtype}, weights excluded)",
-                    f"Synthesis-time memory ({device})", note="; ".join(notes[:2]))
-        result["files"] = {k: str(out / f"vram.{k}") for k in ("csv", "json", "png")}
+        P.write_results(out, "vram", rows, result, lambda png: P.plot_bars(
+            png, [f"{c}\nbatch {b}" for c, b in groups],
+            {s.name: [next(r["peak_mb"] for r in rows if r["model"] == s.name and r["case"] == c
+                           and r["batch"] == b) for c, b in groups] for s in specs},
+            "length / batch", f"peak LM working memory (MB, {dtype}, weights excluded)",
+            f"Synthesis-time memory ({device})", note="; ".join(notes[:2])))
     if json_out:
         print(json.dumps(result))
         return
@@ -263,12 +261,9 @@ def _profile_bundles(bundles, text, ref, ref_text, max_tokens, card, device, see
               "notes": ["peak = extra memory of one utterance's synthesis over the loaded backend (weights "
                         "excluded); streams = (card memory − weights) ÷ that peak"]}
     if out is not None:
-        P.write_csv(out / "vram_synth.csv", rows)
-        P.write_json(out / "vram_synth.json", result)
-        P.plot_bars(out / "vram_synth.png", ["end-to-end synthesis"], {r["model"]: [r["peak_mb"]] for r in rows},
-                    "bundle", "peak working memory (MB, weights excluded)", f"Synthesis memory ({device})",
-                    note=result["notes"][0])
-        result["files"] = {k: str(out / f"vram_synth.{k}") for k in ("csv", "json", "png")}
+        P.write_results(out, "vram_synth", rows, result, lambda png: P.plot_bars(
+            png, ["end-to-end synthesis"], {r["model"]: [r["peak_mb"]] for r in rows}, "bundle",
+            "peak working memory (MB, weights excluded)", f"Synthesis memory ({device})", note=result["notes"][0]))
     if json_out:
         print(json.dumps(result))
         return
