@@ -23,14 +23,20 @@ def export(
                                           "campplus.onnx, speech_tokenizer_v2.onnx, CosyVoice-BlankEN/ "
                                           "(default: --model, when it is such a directory)."),
     out: Path = typer.Option(..., "--out", help="Bundle directory to write."),
-    dtype: str = typer.Option("bf16", "--dtype", help="LM weight dtype: bf16 | fp16 | fp32."),
+    dtype: str = typer.Option("auto", "--dtype", help="LM weight dtype: bf16 | fp16 | fp32 | auto (bf16 for "
+                              "CosyVoice 2 bundles; fp32 for mini-voice bundles, which run on CPUs)."),
     flow_dtype: str = typer.Option("fp32", "--flow-dtype", help="Flow weight dtype: fp32 (safe default) | bf16 | fp16."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Write a self-contained synthesis bundle: LM + flow + HiFT + front-end files + bundle.yaml + manifest.json.
 
+    With a model made from the built-in mini voice (--assets mini, or a mini voice dir) the bundle is a mini
+    voice directory instead: LM + character vocabulary + codec + sample voice, which `mamtra synth --model`
+    and `mamtra distill --teacher` read like the built-in one.
+
     Example: mamtra export --model hybrid-1-5 --assets CosyVoice2-0.5B --out hybrid-1-5.bundle
+             mamtra export --model mini-hybrid-1-1 --assets mini --out mini-hybrid.bundle
     """
     import json
     import shutil
@@ -47,6 +53,11 @@ def export(
     from mamtra_cli.teachers import load_teacher
 
     console = Console(stderr=True)
+    mini_assets = _mini_assets(model, assets)
+    if mini_assets is not None:
+        _export_mini(model, mini_assets, out, "fp32" if dtype == "auto" else dtype, force, json_out, console)
+        return
+    dtype = "bf16" if dtype == "auto" else dtype
     lm_dtype = B.parse_dtype(dtype, "--dtype")
     f_dtype = B.parse_dtype(flow_dtype, "--flow-dtype")
     if assets is None:
@@ -54,7 +65,8 @@ def export(
             assets = Path(model)
         else:
             raise UserError(f"--model {model} holds only a speech LM; pass --assets with the CosyVoice 2 model "
-                            "directory that provides flow.pt, hift.pt and the front-end files.")
+                            "directory that provides flow.pt, hift.pt and the front-end files (or --assets mini "
+                            "for a model made from the built-in mini voice).")
     B.check_cosyvoice2_assets(assets)
     checkpoints.check_output_dir(out, force)
     yaml_path = assets / "cosyvoice2.yaml"
@@ -124,6 +136,70 @@ def export(
                   f"(LM {dtype}, flow {flow_dtype}, HiFT fp32)")
     if json_out:
         print(json.dumps(summary))
+    else:
+        print(str(out))
+
+
+def _mini_assets(model: str, assets: Optional[Path]) -> Optional[Path]:
+    """The mini voice directory whose codec and vocabulary the exported LM speaks, or None for CosyVoice 2.
+    `mini` names the built-in voice; a directory holding codec.yaml is a mini voice (or a mini bundle)."""
+    from mamtra_cli.mini import BUILTIN_DIR
+    from mamtra_cli.mini.codec import CODEC_CONFIG
+
+    for candidate in (assets, model):
+        if candidate is None:
+            continue
+        if str(candidate) == "mini":
+            return BUILTIN_DIR
+        if (Path(candidate) / CODEC_CONFIG).is_file():
+            return Path(candidate)
+    return None
+
+
+def _export_mini(model: str, assets: Path, out: Path, dtype: str, force: bool, json_out: bool, console) -> None:
+    """A mini bundle: the layout of mamtra_cli/builtin/mini/ (config.yaml, model.safetensors, manifest.json,
+    text_vocab.json, codec.yaml, codec.safetensors, sample_voice.wav/.txt) with the given LM."""
+    import json
+    import shutil
+
+    from mamtra_cli import checkpoints
+    from mamtra_cli.errors import UserError
+    from mamtra_cli.mini.backend import MiniBackend
+    from mamtra_cli.mini.codec import CODEC_CONFIG, CODEC_WEIGHTS
+    from mamtra_cli.mini.text import VOCAB_FILE
+    from mamtra_cli.synthesis import backend as B
+    from mamtra_cli.teachers import load_teacher
+
+    lm_dtype = B.parse_dtype(dtype, "--dtype")
+    if not (assets / CODEC_WEIGHTS).is_file() or not (assets / VOCAB_FILE).is_file():
+        raise UserError(f"{assets} is not a complete mini voice (it needs {CODEC_CONFIG}, {CODEC_WEIGHTS} and "
+                        f"{VOCAB_FILE}); rebuild it with `mamtra build-mini`.")
+    checkpoints.check_output_dir(out, force)
+    lm, lm_info = load_teacher(model)
+    if not MiniBackend.accepts_config(lm.config, assets):
+        raise UserError(f"The LM {model} (text vocab {lm.config.text_vocab_size}, speech vocab "
+                        f"{lm.config.speech_token_size}) was not made from the mini voice in {assets}; export it "
+                        "with the CosyVoice 2 directory it came from (--assets).")
+    with console.status(f"writing bundle {out}"), checkpoints.staged_output(out, force) as tmp:
+        for name in (VOCAB_FILE, CODEC_CONFIG, CODEC_WEIGHTS, "sample_voice.wav", "sample_voice.txt"):
+            if (assets / name).is_file():
+                shutil.copyfile(assets / name, tmp / name)
+        state = {k: (v.to(lm_dtype) if v.is_floating_point() else v) for k, v in lm.state_dict().items()}
+        files = {}
+        for f in sorted(p for p in tmp.iterdir() if p.is_file()):
+            fp = checkpoints.file_fingerprint(f)
+            files[f.name] = {"bytes": fp["bytes"], "sha256": fp["sha256"]}
+        manifest = checkpoints.run_manifest(
+            "export", inputs={"model": lm_info, "assets": str(Path(assets).resolve())},
+            parameters={"dtype": dtype, "format": "mini"}, files=files)
+        checkpoints.save_model_dir(tmp, lm.config, state, manifest)
+        total = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
+        n_files = sum(1 for p in tmp.iterdir() if p.is_file())
+    layers = "".join("A" if t == "attention" else "M" for t in lm.config.layer_types)
+    console.print(f"[green]wrote[/green] {out}: mini bundle, {n_files} files, {total / 2**20:.1f} MiB (LM {dtype})")
+    if json_out:
+        print(json.dumps({"out": str(out), "format": "mini", "files": n_files, "bytes": total, "lm_dtype": dtype,
+                          "layer_types": layers}))
     else:
         print(str(out))
 

@@ -29,15 +29,23 @@ def resolve_backend(model: Optional[str], assets: Optional[Path], device: str = 
                     max_new_tokens: Optional[int] = None):
     """The synthesis backend for --model / --assets.
 
-    - no --model: the built-in default (not available yet: a later version plugs it in here);
+    - no --model: the built-in mini voice (`mamtra_cli/builtin/mini/`, `--model mini` names it too);
+    - --model MINI_DIR (a `mamtra build-mini` voice or a mini bundle from `mamtra export`), or a hybrid made
+      from the mini with --assets mini / --assets MINI_DIR: the mini backend (CPU, 16 kHz);
     - --model BUNDLE (a `mamtra export` output): everything from the bundle;
     - --model LM --assets COSYVOICE2_DIR: the LM from a MamTra model dir / CosyVoice 2 dir / llm.pt, the rest
       from the CosyVoice 2 directory; --model COSYVOICE2_DIR alone uses that directory for both.
     """
     from mamtra_cli.synthesis import backend as B
 
-    if model is None:
-        return _default_backend(device)
+    from mamtra_cli.mini import BUILTIN_DIR
+
+    if model is None or model == "mini":
+        if assets is not None:
+            raise UserError("The built-in mini voice carries its own codec; drop --assets.")
+        return _default_backend(device, lm_dtype)
+    if assets is not None and str(assets) == "mini":
+        assets = BUILTIN_DIR
     path = Path(model)
     if B.is_bundle(path):
         if assets is not None:
@@ -53,7 +61,7 @@ def resolve_backend(model: Optional[str], assets: Optional[Path], device: str = 
         from mamtra_cli.mini.backend import MiniBackend
 
         if MiniBackend.accepts(path, mini_dir):
-            return MiniBackend(path, codec_dir=mini_dir)
+            return MiniBackend(path, codec_dir=mini_dir, dtype=lm_dtype)
     if assets is None:
         if B.has_cosyvoice2_assets(path):
             assets = path
@@ -64,16 +72,38 @@ def resolve_backend(model: Optional[str], assets: Optional[Path], device: str = 
                                          max_new_tokens=max_new_tokens)
 
 
-def _default_backend(device: str):
+def _default_backend(device: str, lm_dtype=None):
     """The built-in mini voice when the package ships one (`mamtra_cli/builtin/mini/`)."""
     from mamtra_cli.mini import BUILTIN_DIR
 
     if (BUILTIN_DIR / "codec.yaml").is_file():
         from mamtra_cli.mini.backend import MiniBackend
 
-        return MiniBackend()
+        if device not in ("cpu", "auto") and not device.startswith("cpu"):
+            raise UserError(f"The mini voice runs on the CPU; drop --device {device} (or use --device cpu).")
+        return MiniBackend(dtype=lm_dtype)
     raise UserError("This version ships no default voice: pass --model BUNDLE (from `mamtra export`), "
                     "--model LM_DIR --assets COSYVOICE2_DIR, or a voice made by `mamtra build-mini`.")
+
+
+def default_reference(model: Optional[str], assets: Optional[Path]) -> Optional[tuple[Path, Optional[str]]]:
+    """(wav, transcript) of the sample voice that ships with a mini voice: the built-in one when no --model
+    is given, else the mini dir/bundle of --model or --assets. None when there is none (CosyVoice 2)."""
+    from mamtra_cli.mini import BUILTIN_DIR
+
+    candidates = []
+    if model is None or model == "mini":
+        candidates.append(BUILTIN_DIR)
+    else:
+        candidates.append(Path(model))
+        if assets is not None:
+            candidates.append(BUILTIN_DIR if str(assets) == "mini" else Path(assets))
+    for d in candidates:
+        wav = d / "sample_voice.wav"
+        if wav.is_file() and (d / "codec.yaml").is_file():
+            txt = d / "sample_voice.txt"
+            return wav, (txt.read_text().strip() or None) if txt.is_file() else None
+    return None
 
 
 class WavWriter:
@@ -204,14 +234,16 @@ def _stderr_report(console, r: dict, peak: tuple[float, str], load_s: float | No
 
 def synth(
     text: Optional[str] = typer.Argument(None, help="Text to speak (long text is split into sentences)."),
-    ref: Optional[Path] = typer.Option(None, "--ref", help="Reference voice wav (≤ 30 s)."),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="Reference voice wav (≤ 30 s; default with the mini "
+                                       "voice: its bundled sample voice, with its transcript)."),
     ref_text: Optional[str] = typer.Option(None, "--ref-text", help="Transcript of --ref (zero-shot); without it "
                                            "the reference gives only the voice (cross-lingual)."),
     model: Optional[str] = typer.Option(None, "--model", help="A bundle (`mamtra export`), or an LM (MamTra model "
                                         "dir / CosyVoice 2 dir) with --assets."),
     assets: Optional[Path] = typer.Option(None, "--assets", help="CosyVoice 2 model dir for flow, HiFT and front "
                                           "end when --model is not a bundle."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output wav (24 kHz)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output wav (24 kHz with CosyVoice 2, 16 kHz with the "
+                                       "mini voice)."),
     list_file: Optional[Path] = typer.Option(None, "--list", help="Seed-TTS-eval list: utt|prompt_text|prompt_wav|text "
                                              "per line (prompt_wav relative to the list)."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Output folder for --list (UTT.wav each)."),
@@ -226,8 +258,11 @@ def synth(
     force: bool = typer.Option(False, "--force", help="Overwrite existing output wavs."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
-    """Speak TEXT in the voice of --ref, or every line of --list, into 24 kHz wavs.
+    """Speak TEXT in the voice of --ref, or every line of --list, into wavs.
 
+    Without --model the built-in mini voice speaks (CPU, 16 kHz), in its bundled sample voice unless --ref.
+
+    Example: mamtra synth "Hello, how are you doing today?" --out hello.wav
     Example: mamtra synth "Hello there." --ref voice.wav --ref-text "Reference words." --model my.bundle --out out.wav
     """
     import json
@@ -264,7 +299,11 @@ def synth(
             raise UserError("--out-dir is for --list; for one text use --out.")
         check_text(text)
         if ref is None:
-            raise UserError("Pass --ref with a reference voice wav (a few seconds of speech).")
+            default = default_reference(model, assets)
+            if default is None:
+                raise UserError("Pass --ref with a reference voice wav (a few seconds of speech).")
+            ref, default_text = default
+            ref_text = default_text if ref_text is None else ref_text
         check_reference(ref)
         if out is None:
             raise UserError("Pass --out for the output wav.")

@@ -1,9 +1,10 @@
 """Offline intelligibility: pocketsphinx transcripts and word error rate.
 
-Every recording is decoded with one decoder setup: pocketsphinx's bundled US-English acoustic model,
-its generic trigram LM (`en-us.lm.bin`) and CMUdict, 16 kHz mono 16-bit input, one utterance per call.
-The LM is the general one on purpose: it knows nothing of the mini corpus, so it neither flatters nor
-punishes one system over another. Text normalisation (both sides): lower case, apostrophes kept inside
+Every recording of a table is decoded with one decoder setup: pocketsphinx's bundled US-English acoustic
+model and CMUdict, 16 kHz mono 16-bit input, one utterance per call. `Recognizer()` uses pocketsphinx's
+generic trigram LM (`en-us.lm.bin`); the mini voice's WER tables (`mamtra_cli.mini.evaluate`) swap in a
+closed-vocabulary bigram of the *training* sentences (`write_bigram_arpa`), the same for every row, so that
+the yardstick measures pronunciation rather than the generic LM's luck with the grammar's words. Text normalisation (both sides): lower case, apostrophes kept inside
 words, every other non-letter/digit removed. WER = word-level edit distance (substitutions + deletions +
 insertions) summed over the set ÷ reference words summed over the set.
 """

@@ -70,20 +70,30 @@ class MiniBackend(SynthesisBackend):
         """True if `model_dir` is a model dir speaking the mini voice's vocabularies: the mini teacher
         itself or a hybrid made from it (`mamtra synth --model DIR` can then pick this backend)."""
         from mamtra_cli.checkpoints import CONFIG_FILE
-        from mamtra_cli.mini.codec import CODEC_CONFIG, CodecConfig
         from mamtra_cli.models.config import ModelConfig
 
         model_dir, codec_dir = Path(model_dir), Path(codec_dir) if codec_dir is not None else BUILTIN_DIR
-        if not (model_dir / CONFIG_FILE).is_file() or not (codec_dir / CODEC_CONFIG).is_file():
+        if not (model_dir / CONFIG_FILE).is_file():
             return False
         try:
             c = ModelConfig.load(model_dir / CONFIG_FILE)
         except UserError:
             return False
         vocab_dir = model_dir if (model_dir / VOCAB_FILE).is_file() else codec_dir
-        return ((vocab_dir / VOCAB_FILE).is_file()
-                and c.text_vocab_size == CharTokenizer.load(vocab_dir).vocab_size
-                and c.speech_token_size == CodecConfig.load(codec_dir / CODEC_CONFIG).codebook_size)
+        return cls.accepts_config(c, codec_dir, vocab_dir)
+
+    @staticmethod
+    def accepts_config(config, codec_dir: Path, vocab_dir: Path | None = None) -> bool:
+        """True if an LM of `config` speaks the vocabularies of the mini voice in `codec_dir` (its character
+        tokenizer from `vocab_dir`, default `codec_dir`, and its codebook)."""
+        from mamtra_cli.mini.codec import CODEC_CONFIG, CodecConfig
+
+        codec_dir = Path(codec_dir)
+        vocab_dir = Path(vocab_dir) if vocab_dir is not None else codec_dir
+        if not (codec_dir / CODEC_CONFIG).is_file() or not (vocab_dir / VOCAB_FILE).is_file():
+            return False
+        return (config.text_vocab_size == CharTokenizer.load(vocab_dir).vocab_size
+                and config.speech_token_size == CodecConfig.load(codec_dir / CODEC_CONFIG).codebook_size)
 
     # -- prompt -------------------------------------------------------------------------------------
     def prepare_prompt(self, ref_wav: Path, ref_text: str | None) -> MiniPrompt:

@@ -182,14 +182,51 @@ class CorpusItem:
     wav: str  # path relative to the corpus directory
 
 
+def _render_file(text: str, voice: Voice, out_wav: Path) -> None:
+    render(text, voice, out_wav)  # drop the array: a pool would otherwise hold finished ones until consumed
+
+
+def _render_rows(out: Path, jobs: int, tasks: list[tuple[str, Voice, str]], on_done) -> None:
+    """Render every (text, voice, relative wav path) of `tasks` under `out`, calling `on_done(i)` in task order.
+
+    A thread pool, not a process pool: the heavy part of `render` is the espeak-ng subprocess (which runs
+    outside the GIL while its thread waits); the Python-side work (reading the wav, soxr resampling, writing
+    PCM_16) is a few milliseconds per sentence, well under a tenth of the subprocess. Each wav depends only
+    on its own text and voice and goes to its own path, so the output is the same for every `jobs`. The first
+    failure (in task order) is raised as it is (the same UserError as the serial path), after the queued
+    renders are cancelled and the running ones (at most `jobs`) have finished."""
+    if jobs <= 1:
+        for i, (text, voice, rel) in enumerate(tasks):
+            _render_file(text, voice, out / rel)
+            on_done(i)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="espeak")
+    try:
+        futures = [pool.submit(_render_file, text, voice, out / rel) for text, voice, rel in tasks]
+        for i, fut in enumerate(futures):
+            fut.result()
+            on_done(i)
+    finally:
+        # On an error or Ctrl-C: drop the queued renders instead of waiting for all of them.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def build_corpus(out: Path, n_train: int, n_test: int, n_voices: int, seed: int = 0,
-                 log=lambda msg: None) -> dict[str, list[CorpusItem]]:
+                 log=lambda msg: None, jobs: int = 1) -> dict[str, list[CorpusItem]]:
     """Render the corpus into out/wavs/*.wav. Training sentences go round-robin over the first `n_voices`
     training voices; the test sentences alternate over the held-out voices. Writes out/train.tsv and
     out/test.tsv (utt, spk, wav, text) and, last, out/corpus.json (parameters + content hash). A directory
-    whose corpus.json records the same parameters is reused as it is (rendering is the slow part)."""
+    whose corpus.json records the same parameters is reused as it is (rendering is the slow part).
+
+    `jobs` espeak-ng processes render in parallel. The output does not depend on it (every wav byte, the
+    tables and the hash are the same), so it is not among the recorded parameters: a corpus rendered with
+    2 jobs is reused by a 1-job run."""
     if not 1 <= n_voices <= len(TRAIN_VOICES):
         raise UserError(f"--voices must be between 1 and {len(TRAIN_VOICES)}, got {n_voices}.")
+    if jobs < 1:
+        raise UserError(f"--render-jobs must be 1 or more, got {jobs}.")
     out = Path(out)
     params = {"n_train": n_train, "n_test": n_test, "n_voices": n_voices, "seed": seed,
               "voices": [v.__dict__ for v in TRAIN_VOICES[:n_voices]],
@@ -198,6 +235,9 @@ def build_corpus(out: Path, n_train: int, n_test: int, n_voices: int, seed: int 
     if marker.is_file() and json.loads(marker.read_text()).get("parameters") == params:
         log(f"corpus: reusing {out}")
         return {split: read_corpus_split(out, split) for split in ("train", "test")}
+    # A marker of other parameters would describe wavs that are about to be overwritten: drop it first, so
+    # that an interrupted or failed render never leaves a corpus.json behind.
+    marker.unlink(missing_ok=True)
     (out / "wavs").mkdir(parents=True, exist_ok=True)
     train_s, test_s = generate_sentences(n_train, n_test, seed)
     voices = TRAIN_VOICES[:n_voices]
@@ -208,11 +248,13 @@ def build_corpus(out: Path, n_train: int, n_test: int, n_voices: int, seed: int 
         items = []
         for i, (text, v) in enumerate(rows):
             utt = f"{split}_{i:05d}_{v.name}"
-            rel = f"wavs/{utt}.wav"
-            render(text, v, out / rel)
-            items.append(CorpusItem(utt, text, v.name, rel))
+            items.append(CorpusItem(utt, text, v.name, f"wavs/{utt}.wav"))
+
+        def progress(i: int, split=split, n=len(rows)) -> None:
             if (i + 1) % 500 == 0:
-                log(f"corpus: {split} {i + 1}/{len(rows)}")
+                log(f"corpus: {split} {i + 1}/{n}")
+
+        _render_rows(out, jobs, [(it.text, v, it.wav) for it, (_, v) in zip(items, rows)], progress)
         (out / f"{split}.tsv").write_text("".join(f"{it.utt}\t{it.spk}\t{it.wav}\t{it.text}\n" for it in items))
         result[split] = items
     marker.write_text(json.dumps({"parameters": params, "sha256": corpus_hash(out)}, indent=1) + "\n")

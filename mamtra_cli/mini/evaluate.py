@@ -127,6 +127,52 @@ def intelligibility_table(corpus: Path, builtin_dir: Path | None = None, models:
     return {"rows": out_rows, "transcripts": transcripts}
 
 
+def asr_available() -> bool:
+    """pocketsphinx ships its English model on PyPI (`pip install 'mamtra[mini]'`); without it no WER."""
+    try:
+        import pocketsphinx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def prompted_wer(models: dict[str, Path], sentences: list[str], prompt_wav: Path, prompt_text: str,
+                 codec_dir: Path | None = None, seed: int = 0, lm_sentences: list[str] | None = None,
+                 log=lambda msg: None) -> dict[str, dict]:
+    """WER of each mini-family model speaking `sentences` in one prompt voice (sentence i with seed + i),
+    decoded by the recognizer of `intelligibility_table` (bigram LM of `lm_sentences`, default: the 3,000
+    first training sentences of the shipped corpus's grammar). The quick form of rows (c)/(d) used by
+    `mamtra demo`: one reference voice instead of a held-out recording per row.
+
+    Returns {name: {"wer", "utterances", "words", "synthesis_rtf", "transcripts": [(ref, hyp)...]}}."""
+    from mamtra_cli.mini.asr import normalize_words, wer
+    from mamtra_cli.mini.backend import MiniBackend
+    from mamtra_cli.mini.corpus import generate_sentences
+
+    if lm_sentences is None:
+        lm_sentences = generate_sentences(3000, 120, 0)[0]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        rec = make_recognizer(lm_sentences, Path(tmp))
+        for name, model_dir in models.items():
+            backend = MiniBackend(Path(model_dir), codec_dir=codec_dir or Path(model_dir))
+            prompt = backend.prepare_prompt(Path(prompt_wav), prompt_text)
+            hyps, synth_s, audio_s = [], 0.0, 0.0
+            for i, text in enumerate(sentences):
+                t0 = time.time()
+                wav = np.concatenate(list(backend.synthesize(text, prompt, seed=seed + i)))
+                synth_s += time.time() - t0
+                audio_s += wav.size / backend.sample_rate
+                hyps.append(rec.transcribe(wav, backend.sample_rate) if wav.size else "")
+            w = wer(sentences, hyps)
+            log(f"{name}: WER {w:.3f} over {len(sentences)} sentences")
+            out[name] = {"wer": round(w, 4), "utterances": len(sentences),
+                         "words": sum(len(normalize_words(t)) for t in sentences),
+                         "synthesis_rtf": round(synth_s / audio_s, 3) if audio_s else None,
+                         "transcripts": list(zip(sentences, hyps))}
+    return out
+
+
 def format_table(rows: list[dict]) -> str:
     lines = ["| system | WER | utterances | words | synthesis RTF | eval seconds |", "|---|---|---|---|---|---|"]
     for r in rows:

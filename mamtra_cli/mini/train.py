@@ -6,13 +6,19 @@ length-sorted buckets (little padding); a fraction of rows are two utterances of
 (text ++ text, speech ++ speech), which is exactly what inference sees: CosyVoice 2 prompts the LM with
 [prompt text ++ text] and the prompt's speech tokens, then lets it continue.
 
-The learning rate warms up, then follows a cosine to 10 %; its progress is the larger of step/steps and
-elapsed/time_budget, so a run cut short by a time budget still anneals. The best checkpoint by validation
-loss is kept.
+Optionally a fraction of the *input* speech tokens are replaced by random codes while the targets stay the
+clean tokens (`speech_input_noise`): at inference the LM reads back its own, imperfect tokens, and with clean
+inputs alone a small LM learns to copy speech-token statistics instead of following the text.
+
+The learning rate warms up linearly, then follows a cosine from its peak to 10 % of it; its progress is the
+larger of step/steps and elapsed/time_budget, so a run cut short by a time budget still anneals. One call is
+one such cycle; the best weights by validation loss are kept, and a warm restart is another call on them (with
+a fresh optimizer).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -22,7 +28,7 @@ import torch
 
 from mamtra_cli.data_manifest import Utterance
 from mamtra_cli.models.config import ATTENTION, ModelConfig
-from mamtra_cli.models.speech_lm import SpeechLM
+from mamtra_cli.models.speech_lm import SpeechLM, TrainOutput
 
 
 def mini_model_config(text_vocab: int, speech_vocab: int, hidden: int = 128, layers: int = 12, heads: int = 4,
@@ -36,15 +42,16 @@ def mini_model_config(text_vocab: int, speech_vocab: int, hidden: int = 128, lay
 
 @dataclass
 class TrainSettings:
-    steps: int = 3000
+    steps: int | None = 3000  # None: only time_budget_s ends the run (and sets the schedule)
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 2e-3  # peak, reached after `warmup` steps
     warmup: int = 100
     weight_decay: float = 0.01
     concat_prob: float = 0.25  # rows made of two same-speaker utterances (prompt-continuation practice)
     eval_every: int = 100
     time_budget_s: float | None = None  # stop (and anneal towards it) after this many seconds
-    seed: int = 0
+    speech_input_noise: float = 0.0  # probability that an input speech token is replaced by a random code
+    seed: int = 0  # batch order (random.Random(seed)); the input noise draws from torch seed + 1
 
 
 def _batches(utts: list[Utterance], s: TrainSettings, rng: random.Random, space_id: int):
@@ -86,6 +93,22 @@ def _collate(rows):
     return text, t_lens, speech, s_lens
 
 
+def corrupt_speech_tokens(speech: torch.Tensor, prob: float, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, S) speech tokens → a copy where each token (padding included, which no row reads) is replaced,
+    with probability `prob`, by a code drawn uniformly from [0, vocab)."""
+    replace = torch.rand(speech.shape, generator=generator) < prob
+    return torch.where(replace, torch.randint(0, vocab, speech.shape, generator=generator), speech)
+
+
+def loss_with_input_tokens(model: SpeechLM, text, text_lens, speech, speech_lens, input_speech) -> TrainOutput:
+    """`forward_train` whose targets come from `speech` but whose speech-token embeddings come from
+    `input_speech` (same shape (B, S)); with input_speech = speech it is forward_train itself."""
+    _, _, targets = model.unistream_inputs(text, text_lens, speech, speech_lens)
+    embeds, _, _ = model.unistream_inputs(text, text_lens, input_speech, speech_lens)
+    hidden = model.backbone(embeds)
+    return model.loss_from_logits(model.llm_decoder(hidden), targets, hidden)
+
+
 @torch.no_grad()
 def evaluate_loss(model: SpeechLM, utts: list[Utterance], batch_size: int = 32) -> dict:
     model.eval()
@@ -102,10 +125,14 @@ def evaluate_loss(model: SpeechLM, utts: list[Utterance], batch_size: int = 32) 
 
 def train_teacher(model: SpeechLM, train: list[Utterance], val: list[Utterance], s: TrainSettings,
                   space_id: int = 1, log=lambda msg: None, on_best=None) -> dict:
-    """Train in place; at the end the model holds the best weights (by validation loss). `on_best(model,
-    metrics)` is called whenever validation improves (to save a checkpoint). Returns the metrics."""
+    """One cycle: train in place from the model's current weights with a fresh AdamW; at the end the model
+    holds the best weights (by validation loss). `on_best(model, metrics)` is called whenever validation
+    improves (to save a checkpoint). Returns the metrics; `steps_run` counts optimizer steps."""
+    if s.steps is None and not s.time_budget_s:
+        raise ValueError("TrainSettings needs steps or time_budget_s (or both).")
     torch.manual_seed(s.seed)
     rng = random.Random(s.seed)
+    noise_gen = torch.Generator().manual_seed(s.seed + 1)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
@@ -117,23 +144,31 @@ def train_teacher(model: SpeechLM, train: list[Utterance], val: list[Utterance],
     history = []
     running = None
     stream = _batches(train, s, rng, space_id)
-    step = 0
-    for step in range(1, s.steps + 1):
+    steps_run = 0
+    for step in itertools.count(1):
+        if s.steps is not None and step > s.steps:
+            break
         elapsed = time.time() - start
-        progress = step / s.steps
+        if s.time_budget_s and elapsed > s.time_budget_s:
+            log(f"time budget of {s.time_budget_s:.0f} s reached after {steps_run} steps")
+            break
+        progress = 0.0 if s.steps is None else step / s.steps
         if s.time_budget_s:
             progress = max(progress, elapsed / s.time_budget_s)
-        if s.time_budget_s and elapsed > s.time_budget_s:
-            log(f"time budget of {s.time_budget_s:.0f} s reached at step {step}")
-            break
         lr = s.lr * min(1.0, step / max(s.warmup, 1)) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
         for g in opt.param_groups:
             g["lr"] = lr
-        out = model.forward_train(*_collate(next(stream)))
+        batch = _collate(next(stream))
+        if s.speech_input_noise > 0:
+            noisy = corrupt_speech_tokens(batch[2], s.speech_input_noise, model.config.speech_token_size, noise_gen)
+            out = loss_with_input_tokens(model, *batch, noisy)
+        else:
+            out = model.forward_train(*batch)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        steps_run = step
         running = out.loss.item() if running is None else 0.95 * running + 0.05 * out.loss.item()
         if step % s.eval_every == 0 or step == s.steps:
             m = evaluate_loss(model, val)
@@ -146,12 +181,14 @@ def train_teacher(model: SpeechLM, train: list[Utterance], val: list[Utterance],
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 if on_best is not None:
                     on_best(model, best)
-    if best_state is None or (val and evaluate_loss(model, val)["loss"] < best["val_loss"]):
-        m = evaluate_loss(model, val) if val else {"loss": float("nan"), "acc": float("nan")}
-        best = {"val_loss": m["loss"], "val_acc": m["acc"], "step": step}
-        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if on_best is not None:
-            on_best(model, best)
+    # The steps since the last evaluation (a time budget rarely ends on one) may hold the best weights.
+    if best_state is None or (val and not (history and history[-1]["step"] == steps_run)):
+        final = evaluate_loss(model, val) if val else {"loss": float("nan"), "acc": float("nan")}
+        if best_state is None or final["loss"] < best["val_loss"]:
+            best = {"val_loss": final["loss"], "val_acc": final["acc"], "step": steps_run}
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if on_best is not None:
+                on_best(model, best)
     model.load_state_dict(best_state)
     model.eval()
-    return {"best": best, "steps_run": step, "seconds": round(time.time() - start, 1), "history": history}
+    return {"best": best, "steps_run": steps_run, "seconds": round(time.time() - start, 1), "history": history}

@@ -1,5 +1,5 @@
-"""`mamtra build-mini --toy`: the whole mini-voice pipeline (corpus → codec → teacher) at toy size, then
-synthesis from the directory it wrote. Needs espeak-ng."""
+"""`mamtra build-mini --toy`: the whole mini-voice pipeline (corpus → codec → teacher in two cycles with input
+noise) at toy size, then synthesis from the directory it wrote. Needs espeak-ng."""
 
 import json
 import shutil
@@ -7,20 +7,22 @@ import shutil
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None,
-                                reason="espeak-ng is not on PATH (apt-get install espeak-ng) — it renders the corpus")
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not on PATH "
+                                  "(apt-get install espeak-ng) — it renders the corpus")
 
 
+@needs_espeak
 def test_build_mini_toy_end_to_end(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from stages.build_mini import build_mini
+    from stages.build_mini import TOY_CYCLES, build_mini
 
     app = typer.Typer()
     app.command()(build_mini)
     out, work = tmp_path / "mini", tmp_path / "work"
-    result = CliRunner().invoke(app, ["--out", str(out), "--work", str(work), "--toy", "--seed", "1"])
+    args = ["--work", str(work), "--toy", "--seed", "1", "--threads", "1", "--codec-sentences", "40"]
+    result = CliRunner().invoke(app, ["--out", str(out), *args])
     assert result.exit_code == 0, result.output
     for name in ("config.yaml", "model.safetensors", "manifest.json", "text_vocab.json", "codec.yaml",
                  "codec.safetensors", "sample_voice.wav", "sample_voice.txt"):
@@ -28,13 +30,27 @@ def test_build_mini_toy_end_to_end(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "build-mini" and manifest["seed"] == 1
     assert len(manifest["inputs"]["corpus"]["sha256"]) == 64
+    params = manifest["parameters"]
+    assert params["sentences"] == 80 and params["codec_sentences"] == 40
+    assert params["speech_input_noise"] == 0.15 and params["cycles"] == TOY_CYCLES
+    assert params["val_utterances"] == 8  # max(8, min(100, 80 // 30))
+    cycles = manifest["metrics"]["teacher_cycles"]
+    assert [(c["budget"], c["peak_lr"], c["warmup"]) for c in cycles] == [("15", 2e-3, 5), ("15", 1e-3, 5)]
+    assert all(c["steps_run"] == 15 and c["seconds"] > 0 and np.isfinite(c["best"]["val_loss"]) for c in cycles)
+    assert manifest["metrics"]["teacher"] == cycles[-1]["best"]
+    assert manifest["metrics"]["teacher_steps_run"] == 30
+    # The codec was fitted on the first 40 utterances only, yet every utterance was tokenised.
+    codec_marker = json.loads((work / "codec" / "codebook.json").read_text())
+    assert codec_marker["parameters"]["codec_sentences"] == 40
+    assert json.loads((work / "codec" / "decoder.json").read_text())["parameters"]["codec_sentences"] == 40
 
     from mamtra_cli.data_manifest import read_manifest
     from mamtra_cli.mini.backend import MiniBackend
 
     header, utts = read_manifest(work / "data" / "train.jsonl", text_vocab=49, speech_vocab=64)
     assert header.speech_tokenizer["rate_hz"] == 25.0 and len(utts) == 80
-    assert len({u.spk for u in utts}) == 4
+    assert len({u.spk for u in utts}) == 4 and all(u.speech_tokens for u in utts)
+    assert len(read_manifest(work / "data" / "test.jsonl", text_vocab=49, speech_vocab=64)[1]) == 6
 
     backend = MiniBackend(out, codec_dir=out)
     assert backend.lm.config.num_layers == 12 and set(backend.lm.config.layer_types) == {"attention"}
@@ -44,6 +60,23 @@ def test_build_mini_toy_end_to_end(tmp_path):
     assert audio.dtype == np.float32 and audio.size > 0 and np.isfinite(audio).all()
     assert MiniBackend.accepts(out, out)
 
-    # A second run with the same --work reuses the cached phases and refuses an existing --out.
-    again = CliRunner().invoke(app, ["--out", str(out), "--work", str(work), "--toy", "--seed", "1"])
+    # A second run with the same --work refuses an existing --out ...
+    again = CliRunner().invoke(app, ["--out", str(out), *args])
     assert again.exit_code != 0
+    # ... and to a new --out reuses every cached phase, both teacher cycles included.
+    again = CliRunner().invoke(app, ["--out", str(tmp_path / "mini2"), *args])
+    assert again.exit_code == 0, again.output
+    reused = json.loads((tmp_path / "mini2" / "manifest.json").read_text())["metrics"]["phases_reused"]
+    assert reused == ["corpus", "codebook", "manifests", "decoder", "teacher_cycle1", "teacher_cycle2"]
+
+
+@pytest.mark.parametrize("cycles", ["26.5m:2.5e-3", "90x:1e-3:50", "0:1e-3:5", "10:-1e-3:5", "10:1e-3:5,"])
+def test_bad_cycles_is_one_line_and_exit_2(tmp_path, capsys, cycles):
+    from mamtra_cli.cli import main
+
+    code = main(["build-mini", "--out", str(tmp_path / "mini"), "--work", str(tmp_path / "work"),
+                 "--cycles", cycles])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "--cycles" in err and "BUDGET:PEAK_LR:WARMUP" in err, err
+    assert not (tmp_path / "work").exists()  # refused before any work

@@ -1,0 +1,203 @@
+"""`mamtra demo`: the whole MamTra pipeline on the built-in mini voice, end to end on a CPU.
+
+    mamtra demo                      # → ./mamtra-demo/ (about 6 minutes on 2 CPU cores)
+    mamtra demo --out /tmp/d --steps 5 --wer-sentences 2 --force      # a smoke test (< 1 minute)
+
+Every step is a real `mamtra` stage run in its own process, so the stages meet only through the files they
+write (exactly as a user would chain them; the commands are printed and kept in demo.json):
+
+  1. transfer      mini teacher → 1:1 hybrid (Mamba layers initialised from attention: C←Q, B←K, x←V)
+  2. distill       the hybrid learns from the teacher on 400 shipped utterances (~2 % of the teacher's data)
+  3. export        the distilled hybrid → a mini bundle (LM + codec + character vocabulary + sample voice)
+  4. score         CE on the 120 held-out utterances: teacher, hybrid before and after distillation
+  5. synth         the hello sentence with the teacher and with the bundle
+  6. profile cache-growth   decode-cache bytes of teacher vs hybrid against sequence length (+ PNG)
+  7. WER           both models speak the first --wer-sentences held-out sentences in the sample voice;
+                   pocketsphinx transcribes them (needs `pip install 'mamtra[mini]'`; skipped without it)
+
+The table on stdout compares teacher and hybrid (CE, WER, cache bytes, hello RTF) and lists the wav and PNG
+paths. The demo directory is written under a temporary name and renamed when everything has succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+HELLO = "Hello, how are you doing today?"
+CACHE_LENGTHS = (128, 512, 1024, 2048)
+
+
+def _run(args: list[str], console, commands: list[str], rename: tuple[str, str]) -> dict:
+    """One stage in a fresh process (`python -m mamtra_cli.cli ARGS --json`): its progress goes to our stderr,
+    its one JSON object comes back. A failing stage stops the demo with its own error message above ours."""
+    from mamtra_cli.errors import UserError
+
+    shown = "mamtra " + shlex.join(args).replace(*rename)
+    console.print(f"[bold cyan]$ {shown}[/bold cyan]", highlight=False)
+    commands.append(shown)
+    proc = subprocess.run([sys.executable, "-m", "mamtra_cli.cli", *args], stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"The demo step `{shown}` failed (exit {proc.returncode}); its message is above.")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise UserError(f"The demo step `{shown}` printed no JSON result; run it by hand to see why.")
+    return json.loads(lines[-1])
+
+
+def _cache_at(result: dict, source: str, tokens: int) -> Optional[int]:
+    for m in result["models"]:
+        if m["source"] == source:
+            for row in m["rows"]:
+                if row["tokens"] == tokens:
+                    return row["measured_bytes"]
+    return None
+
+
+def demo(
+    out: Path = typer.Option(Path("mamtra-demo"), "--out", help="Directory for every artefact of the demo."),
+    ratio: str = typer.Option("1:1", "--ratio", help="attention:Mamba ratio of the hybrid (12 layers: 1:1, 1:3, "
+                              "1:5 or 1:11)."),
+    steps: int = typer.Option(60, "--steps", min=1, help="Distillation steps (about 4 s each on 2 cores; 60 keep "
+                              "the demo near 6 minutes, 120 give a hybrid closer to the teacher in twice the time)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak distillation learning rate."),
+    train: str = typer.Option("all", "--train", help="What distillation trains: all, or mamba (only the new "
+                              "Mamba layers), as `mamtra distill --train`."),
+    wer_sentences: int = typer.Option(20, "--wer-sentences", min=0, help="Held-out sentences each model speaks "
+                                      "for the WER column (0 = no WER)."),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads per stage (0: torch's default)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of transfer, distillation and sampling."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+) -> None:
+    """Transfer → distill → export → synth → profile cache-growth on the built-in mini voice; ends with a
+    teacher-vs-hybrid table (CE, WER, cache bytes) and the wav and PNG paths."""
+    from rich.console import Console
+
+    from mamtra_cli import checkpoints
+    from mamtra_cli.data_manifest import read_manifest
+    from mamtra_cli.errors import UserError
+    from mamtra_cli.mini import BUILTIN_DIR
+
+    console = Console(stderr=True)
+    if not checkpoints.is_model_dir(BUILTIN_DIR) or not (BUILTIN_DIR / "demo_distill.jsonl").is_file():
+        raise UserError("This installation has no built-in mini voice (mamtra_cli/builtin/mini/); reinstall "
+                        "MamTra, or build one with `mamtra build-mini`.")
+    checkpoints.check_output_dir(out, force)
+    t_start = time.time()
+    distill_data, test_data = BUILTIN_DIR / "demo_distill.jsonl", BUILTIN_DIR / "demo_test.jsonl"
+    common = ["--threads", str(threads)] if threads else []
+    commands: list[str] = []
+    seconds: dict[str, float] = {}
+
+    with checkpoints.staged_output(out, force) as tmp:
+        rename = (str(tmp), str(out))  # commands are shown with the final paths
+        hybrid, distilled, bundle = tmp / "hybrid", tmp / "hybrid-distilled", tmp / "hybrid.bundle"
+
+        def step(name: str, args: list[str]) -> dict:
+            t = time.time()
+            result = _run(args, console, commands, rename)
+            seconds[name] = seconds.get(name, 0.0) + round(time.time() - t, 1)
+            return result
+
+        tr = step("transfer", ["transfer", "--teacher", "mini", "--ratio", ratio, "--out", str(hybrid),
+                               "--seed", str(seed), "--json"])
+        dist = step("distill", ["distill", "--teacher", "mini", "--student", str(hybrid), "--data",
+                                str(distill_data), "--val", str(test_data), "--out", str(distilled),
+                                "--max-steps", str(steps), "--lr", str(lr), "--warmup", str(max(1, steps // 10)),
+                                "--train", train, "--batch-tokens", "4096", "--device", "cpu",
+                                "--save-every", "0", "--eval-every", "0", "--seed", str(seed), "--json", *common])
+        step("export", ["export", "--model", str(distilled), "--assets", "mini", "--out", str(bundle), "--json"])
+        ce = {key: step("score", ["score", "--model", model, "--data", str(test_data), "--json", *common])
+              for key, model in (("teacher", "mini"), ("transferred", str(hybrid)), ("hybrid", str(bundle)))}
+        hello = {key: step("synth", ["synth", HELLO, *model, "--out", str(tmp / f"hello_{key}.wav"),
+                                     "--seed", str(seed), "--json", *common])
+                 for key, model in (("teacher", []), ("hybrid", ["--model", str(bundle)]))}
+        cache = step("profile cache-growth", [
+            "profile", "cache-growth", "--model", "mini", "--model", str(bundle), "--lengths",
+            ",".join(map(str, CACHE_LENGTHS)), "--dtype", "fp32", "--out", str(tmp / "cache_growth"), "--json",
+            *common])
+
+        wer = None
+        if wer_sentences:
+            from mamtra_cli.mini.evaluate import asr_available, prompted_wer
+
+            if asr_available():
+                import torch
+
+                if threads:
+                    torch.set_num_threads(threads)
+                _, test = read_manifest(test_data)
+                sentences = [u.text for u in test[:wer_sentences]]
+                console.print(f"[bold cyan]WER[/bold cyan]: teacher and hybrid speak {len(sentences)} held-out "
+                              "sentences in the sample voice; pocketsphinx transcribes them", highlight=False)
+                t = time.time()
+                prompt_text = (BUILTIN_DIR / "sample_voice.txt").read_text().strip()
+                wer = prompted_wer({"teacher": BUILTIN_DIR, "hybrid": bundle}, sentences,
+                                   BUILTIN_DIR / "sample_voice.wav", prompt_text, codec_dir=BUILTIN_DIR,
+                                   seed=seed, log=lambda m: console.print(f"  {m}", highlight=False))
+                seconds["wer"] = round(time.time() - t, 1)
+            else:
+                console.print("[yellow]WER skipped[/yellow]: pocketsphinx is not installed "
+                              "(pip install 'mamtra[mini]').")
+
+        teacher_cache = _cache_at(cache, "mini", CACHE_LENGTHS[-1])
+        hybrid_cache = _cache_at(cache, str(bundle), CACHE_LENGTHS[-1])
+        layouts = {m["source"]: m["layout"] for m in cache["models"]}
+        rows = []
+        for key, name, src in (("teacher", "teacher (mini)", "mini"), ("hybrid", f"hybrid {ratio} distilled", str(bundle))):
+            rows.append({
+                "model": name, "layout": layouts.get(src),
+                "ce": round(ce[key]["ce"], 4), "accuracy": round(ce[key]["accuracy"], 4),
+                "wer": None if wer is None else wer[key]["wer"],
+                f"cache_bytes_at_{CACHE_LENGTHS[-1]}": teacher_cache if key == "teacher" else hybrid_cache,
+                "hello_rtf": hello[key]["rtf"],
+                "hello_wav": str(out / f"hello_{key}.wav"),
+            })
+        summary = {
+            "rows": rows,
+            "transferred_ce": round(ce["transferred"]["ce"], 4),
+            "distill": {k: dist.get(k) for k in ("steps", "train_loss", "train_kl", "train_ce", "val_ce")},
+            "cache_saving": round(1 - hybrid_cache / teacher_cache, 4) if teacher_cache and hybrid_cache else None,
+            "cache_lengths": list(CACHE_LENGTHS),
+            "wer_sentences": 0 if wer is None else wer["teacher"]["utterances"],
+            "wer_transcripts": None if wer is None else {k: v["transcripts"] for k, v in wer.items()},
+            "paths": {"hello_teacher_wav": str(out / "hello_teacher.wav"),
+                      "hello_hybrid_wav": str(out / "hello_hybrid.wav"),
+                      "cache_growth_png": str(out / "cache_growth" / "cache_growth.png"),
+                      "bundle": str(out / "hybrid.bundle"), "distilled": str(out / "hybrid-distilled")},
+            "parameters": {"ratio": ratio, "steps": steps, "lr": lr, "train": train, "seed": seed,
+                           "threads": threads, "transfer_parameters": tr.get("parameters", {}).get("total")},
+            "commands": commands,
+            "seconds": {**seconds, "total": round(time.time() - t_start, 1)},
+        }
+        checkpoints.write_json_atomic(tmp / "demo.json", summary)
+
+    if json_out:
+        print(json.dumps(summary))
+        return
+    n_cache = CACHE_LENGTHS[-1]
+    lines = ["| model | layout | held-out CE | WER | cache bytes @ %d tokens | hello RTF |" % n_cache,
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        w = "n/a" if r["wer"] is None else f"{r['wer']:.3f}"
+        lines.append(f"| {r['model']} | {r['layout']} | {r['ce']:.3f} | {w} | "
+                     f"{r[f'cache_bytes_at_{n_cache}']:,} | {r['hello_rtf']:.3f} |")
+    lines.append("")
+    lines.append(f"hybrid before distillation: held-out CE {summary['transferred_ce']:.3f}; "
+                 f"distilled for {steps} steps")
+    if summary["cache_saving"] is not None:
+        lines.append(f"decode cache at {n_cache} tokens: {summary['cache_saving']:.0%} smaller")
+    if wer is not None:
+        lines.append(f"WER over {summary['wer_sentences']} held-out sentences in the sample voice (pocketsphinx)")
+    for k, v in summary["paths"].items():
+        lines.append(f"{k}: {v}")
+    lines.append(f"demo.json: {out / 'demo.json'}  ({summary['seconds']['total']:.0f} s in all)")
+    print("\n".join(lines))
