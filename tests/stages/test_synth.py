@@ -127,12 +127,13 @@ def _bad_inputs(pipeline, tmp: Path) -> dict:
         "empty text": (["  ", "--ref", ref, "--model", bundle], "empty"),
         "only punctuation": (["?! ...", "--ref", ref, "--model", bundle], "only punctuation"),
         "bundle missing a file": ([TEXT, "--ref", ref, "--model", broken], "missing hift.safetensors"),
-        "no model": ([TEXT, "--ref", ref], "ships no default voice"),
+        "built-in voice with --assets": ([TEXT, "--ref", ref, "--assets", tmp], "drop --assets"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing reference", "unreadable audio", "reference over 30 s", "empty text",
-                                  "only punctuation", "bundle missing a file", "no model"])
+                                  "only punctuation", "bundle missing a file",
+                                  "built-in voice with --assets"])
 def test_bad_inputs_exit_2_with_one_sentence(pipeline, capsys, tmp_path, case):
     args, needle = _bad_inputs(pipeline, tmp_path)[case]
     out_wav = tmp_path / "out.wav"

@@ -314,8 +314,14 @@ def test_lm_head_optional_and_training_extras_accepted(tiny_dir):
 
 
 def test_load_teacher_other_specs(tmp_path, tiny_dir):
-    with pytest.raises(UserError, match="built-in mini model is not shipped"):
-        load_teacher("mini")
+    from mamtra_cli.mini import BUILTIN_DIR
+
+    if (BUILTIN_DIR / "model.safetensors").is_file():  # the shipped voice, by name
+        model, info = load_teacher("mini")
+        assert info["format"] == "mamtra-builtin" and model.config.num_layers == 12 and not model.training
+    else:
+        with pytest.raises(UserError, match="built-in mini model is not shipped"):
+            load_teacher("mini")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="neither a CosyVoice 2 model directory"):
         load_teacher(tmp_path / "empty")
