@@ -27,7 +27,7 @@ from mamtra_cli.mini import BUILTIN_DIR
 from mamtra_cli.mini.codec import MiniCodec, SpeakerStats
 from mamtra_cli.mini.text import VOCAB_FILE, CharTokenizer
 from mamtra_cli.models.sampling import SamplingConfig
-from mamtra_cli.synthesis.backend import SynthesisBackend, check_text, split_sentences
+from mamtra_cli.synthesis.backend import SynthesisBackend
 
 MINI_SAMPLING = SamplingConfig(min_token_text_ratio=0.5, max_token_text_ratio=4.0)
 MAX_REF_SECONDS = 20.0
@@ -118,15 +118,14 @@ class MiniBackend(SynthesisBackend):
         return prompt
 
     # -- synthesis ----------------------------------------------------------------------------------
-    def sentences(self, text: str) -> list[str]:
-        text = check_text(text)
-        normalized = self.tokenizer.normalize(text)
-        # Character counts: training sentences are 20-75 characters, joined pairs up to ~150.
-        pieces = split_sentences(normalized, self.tokenizer.count_tokens, max_tokens=100, min_tokens=40,
-                                 merge_tail=12)
-        if not pieces:
-            raise UserError(f"The text {text.strip()!r} has nothing to speak; give some words.")
-        return pieces
+    # Character counts: training sentences are 20-75 characters, joined pairs up to ~150.
+    split_limits = {"max_tokens": 100, "min_tokens": 40, "merge_tail": 12}
+
+    def normalize_text(self, text: str) -> str:
+        return self.tokenizer.normalize(text)
+
+    def count_text_tokens(self, normalized: str) -> int:
+        return self.tokenizer.count_tokens(normalized)
 
     def synthesize(self, text: str, prompt: MiniPrompt, seed: int = 0, stream: bool = False
                    ) -> Iterator[np.ndarray]:

@@ -91,6 +91,26 @@ class SynthesisBackend(abc.ABC):
     def describe(self) -> dict:
         """What this backend is (model, sizes, dtypes, device, source files), JSON-able."""
 
+    # Sentence splitting: each backend names its text normaliser, its token counter and the piece sizes
+    # (in its own text tokens) that its LM was trained on; `sentences` is the same for all.
+    split_limits: dict = {}  # keyword arguments of split_sentences (max_tokens, min_tokens, merge_tail)
+
+    @abc.abstractmethod
+    def normalize_text(self, text: str) -> str:
+        """Text as the LM's tokenizer expects it (before splitting)."""
+
+    @abc.abstractmethod
+    def count_text_tokens(self, normalized: str) -> int:
+        """Text tokens of an already normalised piece."""
+
+    def sentences(self, text: str) -> list[str]:
+        """The pieces `synthesize` speaks one after the other (normalised text, `split_sentences`)."""
+        text = check_text(text)
+        pieces = split_sentences(self.normalize_text(text), self.count_text_tokens, **self.split_limits)
+        if not pieces:
+            raise UserError(f"The text {text.strip()!r} has nothing to speak; give some words.")
+        return pieces
+
 
 # -----------------------------------------------------------------------------------------------------
 # Text: sentences
@@ -363,14 +383,11 @@ class CosyVoice2Backend(SynthesisBackend):
             prompt_mel=mel[None].float().contiguous(),
             embedding=torch.from_numpy(embedding.reshape(1, -1).astype(np.float32)))
 
-    def sentences(self, text: str) -> list[str]:
-        """The pieces `synthesize` speaks one after the other (normalised text, `split_sentences`)."""
-        text = check_text(text)
-        normalized = self.text_tokenizer.normalize(text)
-        pieces = split_sentences(normalized, lambda s: len(self.text_tokenizer.encode(s, normalize=False)))
-        if not pieces:
-            raise UserError(f"The text {text.strip()!r} has nothing to speak; give some words.")
-        return pieces
+    def normalize_text(self, text: str) -> str:
+        return self.text_tokenizer.normalize(text)
+
+    def count_text_tokens(self, normalized: str) -> int:
+        return len(self.text_tokenizer.encode(normalized, normalize=False))
 
     def synthesize(self, text: str, prompt: CosyVoice2Prompt, seed: int = 0, stream: bool = False
                    ) -> Iterator[np.ndarray]:
