@@ -344,7 +344,7 @@ class SynthesisWorkload:
     name = "synth"
 
     def setup(self, spec: ModelSpec, device) -> None:
-        from stages.synthesize import resolve_backend
+        from mamtra_cli.synthesis.loading import resolve_backend
 
         self.backend = resolve_backend(spec.path, None, device=str(device), max_new_tokens=self.max_new_tokens)
         mods = [m for m in vars(self.backend).values() if isinstance(m, torch.nn.Module)]

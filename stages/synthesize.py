@@ -23,120 +23,9 @@ from typing import Optional
 import typer
 
 from mamtra_cli.errors import UserError
-
-
-def resolve_backend(model: Optional[str], assets: Optional[Path], device: str = "cpu", lm_dtype=None,
-                    max_new_tokens: Optional[int] = None):
-    """The synthesis backend for --model / --assets.
-
-    - no --model: the built-in mini voice (`mamtra_cli/builtin/mini/`, `--model mini` names it too);
-    - --model MINI_DIR (a `mamtra build-mini` voice or a mini bundle from `mamtra export`), or a hybrid made
-      from the mini with --assets mini / --assets MINI_DIR: the mini backend (CPU, 16 kHz);
-    - --model BUNDLE (a `mamtra export` output): everything from the bundle;
-    - --model LM --assets COSYVOICE2_DIR: the LM from a MamTra model dir / CosyVoice 2 dir / llm.pt, the rest
-      from the CosyVoice 2 directory; --model COSYVOICE2_DIR alone uses that directory for both.
-    """
-    from mamtra_cli.synthesis import backend as B
-
-    from mamtra_cli.mini import BUILTIN_DIR
-
-    if model is None or model == "mini":
-        if assets is not None:
-            raise UserError("The built-in mini voice carries its own codec; drop --assets.")
-        return _default_backend(device, lm_dtype)
-    if assets is not None and str(assets) == "mini":
-        assets = BUILTIN_DIR
-    path = Path(model)
-    if B.is_bundle(path):
-        if assets is not None:
-            raise UserError(f"{model} is a bundle and carries its own flow, HiFT and front end; drop --assets.")
-        return B.CosyVoice2Backend.from_bundle(path, device=device, lm_dtype=lm_dtype, max_new_tokens=max_new_tokens)
-    if not path.exists():
-        raise UserError(f"Model {model} does not exist; pass a bundle from `mamtra export` or a model directory "
-                        "with --assets.")
-    # A mini voice directory (`mamtra build-mini`) holds its LM, character vocabulary and codec together;
-    # a hybrid made from it (transfer/distill) borrows the codec with --assets MINI_DIR.
-    mini_dir = path if assets is None else assets
-    if path.is_dir() and (Path(mini_dir) / "codec.yaml").is_file():
-        from mamtra_cli.mini.backend import MiniBackend
-
-        if MiniBackend.accepts(path, mini_dir):
-            return MiniBackend(path, codec_dir=mini_dir, dtype=lm_dtype)
-    if assets is None:
-        if B.has_cosyvoice2_assets(path):
-            assets = path
-        else:
-            raise UserError(f"{model} is not a bundle; pass --assets with a CosyVoice 2 model directory for the "
-                            f"flow, HiFT and front end, or make a bundle with `mamtra export --model {model}`.")
-    return B.CosyVoice2Backend.from_dirs(model, assets, device=device, lm_dtype=lm_dtype,
-                                         max_new_tokens=max_new_tokens)
-
-
-def _default_backend(device: str, lm_dtype=None):
-    """The built-in mini voice when the package ships one (`mamtra_cli/builtin/mini/`)."""
-    from mamtra_cli.mini import BUILTIN_DIR
-
-    if (BUILTIN_DIR / "codec.yaml").is_file():
-        from mamtra_cli.mini.backend import MiniBackend
-
-        if device not in ("cpu", "auto") and not device.startswith("cpu"):
-            raise UserError(f"The mini voice runs on the CPU; drop --device {device} (or use --device cpu).")
-        return MiniBackend(dtype=lm_dtype)
-    raise UserError("This version ships no default voice: pass --model BUNDLE (from `mamtra export`), "
-                    "--model LM_DIR --assets COSYVOICE2_DIR, or a voice made by `mamtra build-mini`.")
-
-
-def default_reference(model: Optional[str], assets: Optional[Path]) -> Optional[tuple[Path, Optional[str]]]:
-    """(wav, transcript) of the sample voice that ships with a mini voice: the built-in one when no --model
-    is given, else the mini dir/bundle of --model or --assets. None when there is none (CosyVoice 2)."""
-    from mamtra_cli.mini import BUILTIN_DIR
-
-    candidates = []
-    if model is None or model == "mini":
-        candidates.append(BUILTIN_DIR)
-    else:
-        candidates.append(Path(model))
-        if assets is not None:
-            candidates.append(BUILTIN_DIR if str(assets) == "mini" else Path(assets))
-    for d in candidates:
-        wav = d / "sample_voice.wav"
-        if wav.is_file() and (d / "codec.yaml").is_file():
-            txt = d / "sample_voice.txt"
-            return wav, (txt.read_text().strip() or None) if txt.is_file() else None
-    return None
-
-
-class WavWriter:
-    """Mono wav written chunk by chunk into a hidden temporary file beside `path`, renamed into place on
-    success and deleted on failure (a context manager)."""
-
-    def __init__(self, path: Path, sample_rate: int):
-        self.path, self.sample_rate = Path(path), int(sample_rate)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}.wav")
-        self.samples = 0
-
-    def __enter__(self) -> "WavWriter":
-        import soundfile as sf
-
-        self._f = sf.SoundFile(str(self.tmp), mode="w", samplerate=self.sample_rate, channels=1,
-                               format="WAV", subtype="PCM_16")
-        return self
-
-    def write(self, chunk) -> None:
-        import numpy as np
-
-        chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
-        if chunk.size:
-            self._f.write(np.clip(chunk, -1.0, 1.0))
-            self._f.flush()
-            self.samples += chunk.size
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._f.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+from mamtra_cli.synthesis.loading import default_reference, resolve_backend
+from mamtra_cli.synthesis.references import ListItem, check_reference, read_seedtts_list
+from mamtra_cli.synthesis.wavfile import WavWriter
 
 
 def _peak_memory(device) -> tuple[float, str]:
@@ -172,54 +61,6 @@ def _synthesize_one(backend, text: str, ref: Path, ref_text: Optional[str], out:
         "first_chunk_seconds": round(first_chunk, 4) if first_chunk is not None else None, "chunks": chunks,
         "stages": backend.stats.to_dict(),
     }
-
-
-def check_reference(ref: Path, what: str = "Reference audio") -> None:
-    """Cheap checks of a reference wav before any model is loaded: exists, readable, at most 30 s."""
-    import soundfile as sf
-
-    from mamtra_cli.synthesis.backend import MAX_REF_SECONDS
-
-    if not ref.is_file():
-        raise UserError(f"{what} {ref} does not exist; check the path.")
-    try:
-        info = sf.info(str(ref))
-    except Exception as e:  # libsndfile's errors for unreadable/corrupt files
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{what} {ref} is not readable audio ({msg}); give a wav/flac/ogg file.") from None
-    seconds = info.frames / info.samplerate if info.samplerate else 0.0
-    if seconds > MAX_REF_SECONDS:
-        raise UserError(f"{what} {ref} is {seconds:.1f} s long; CosyVoice 2's speech tokenizer takes at most "
-                        f"{MAX_REF_SECONDS:g} s — cut a shorter reference.")
-
-
-def _read_list(list_file: Path) -> list[dict]:
-    """Seed-TTS-eval lines `utt|prompt_text|prompt_wav|text`; prompt_wav relative to the list's folder."""
-    from mamtra_cli.synthesis.backend import check_text
-
-    if not list_file.is_file():
-        raise UserError(f"List file {list_file} does not exist; pass a Seed-TTS-eval meta.lst.")
-    items, seen = [], set()
-    for n, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        parts = line.split("|")
-        if len(parts) != 4:
-            raise UserError(f"{list_file} line {n} has {len(parts)} field(s); expected utt|prompt_text|prompt_wav|text.")
-        utt, prompt_text, prompt_wav, text = (p.strip() for p in parts)
-        if not utt or "/" in utt or "\\" in utt or utt.startswith("."):
-            raise UserError(f"{list_file} line {n}: utterance id {utt!r} cannot be a file name; use a plain name.")
-        if utt in seen:
-            raise UserError(f"{list_file} line {n}: utterance id {utt!r} appears twice; ids name the output wavs.")
-        seen.add(utt)
-        wav = Path(prompt_wav)
-        wav = wav if wav.is_absolute() else list_file.parent / wav
-        check_reference(wav, what=f"{list_file} line {n}: prompt wav")
-        check_text(text, what=f"{list_file} line {n}: the text")
-        items.append({"utt": utt, "prompt_text": prompt_text or None, "ref": wav, "text": text})
-    if not items:
-        raise UserError(f"List file {list_file} has no utterances.")
-    return items
 
 
 def _stderr_report(console, r: dict, peak: tuple[float, str], load_s: float | None = None) -> None:
@@ -286,11 +127,11 @@ def synth(
                             "(use --out-dir).")
         if out_dir is None:
             raise UserError("--list needs --out-dir, the folder for the wavs.")
-        items = _read_list(list_file)
+        items = read_seedtts_list(list_file)
         if out_dir.exists() and not out_dir.is_dir():
             raise UserError(f"--out-dir {out_dir} exists and is not a directory.")
         if not force:
-            clash = [it["utt"] for it in items if (out_dir / f"{it['utt']}.wav").exists()]
+            clash = [it.utt for it in items if (out_dir / f"{it.utt}.wav").exists()]
             if clash:
                 raise UserError(f"{out_dir / (clash[0] + '.wav')} already exists ({len(clash)} of the list's wavs "
                                 "do); pass --force to overwrite or choose another --out-dir.")
@@ -311,7 +152,7 @@ def synth(
             raise UserError(f"Output {out} already exists; pass --force to overwrite it or choose another --out.")
         if not out.parent.is_dir():
             raise UserError(f"The folder of --out ({out.parent}) does not exist; create it first.")
-        items = [{"utt": None, "prompt_text": ref_text, "ref": ref, "text": text}]
+        items = [ListItem(None, ref_text, ref, text)]
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -332,10 +173,10 @@ def synth(
     if list_file is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     for it in items:
-        target = out if it["utt"] is None else out_dir / f"{it['utt']}.wav"
-        r = _synthesize_one(backend, it["text"], it["ref"], it["prompt_text"], target, seed, stream)
-        if it["utt"] is not None:
-            r["utt"] = it["utt"]
+        target = out if it.utt is None else out_dir / f"{it.utt}.wav"
+        r = _synthesize_one(backend, it.text, it.ref, it.prompt_text, target, seed, stream)
+        if it.utt is not None:
+            r["utt"] = it.utt
         peak = _peak_memory(dev)
         _stderr_report(console, r, peak, load_s if len(reports) == 0 else None)
         reports.append(r)

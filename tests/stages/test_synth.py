@@ -145,7 +145,7 @@ def test_bad_inputs_exit_2_with_one_sentence(pipeline, capsys, tmp_path, case):
 
 
 def test_wav_writer_leaves_nothing_on_failure(tmp_path):
-    from stages.synthesize import WavWriter
+    from mamtra_cli.synthesis.wavfile import WavWriter
 
     target = tmp_path / "x.wav"
     with pytest.raises(RuntimeError):

@@ -1,0 +1,94 @@
+"""Which synthesis backend a `--model` / `--assets` pair names, and the sample voice that comes with it.
+
+Used by `mamtra synth`, `mamtra eval`, `profile vram --bundle` and the Python API alike, so that a model name
+means the same thing everywhere: `mini` (or nothing) is the built-in voice, a mini voice directory or mini
+bundle is the mini backend, a `mamtra export` bundle is self-contained, and an LM with `--assets` borrows the
+flow, HiFT and front end of a CosyVoice 2 directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from mamtra_cli.errors import UserError
+
+
+def resolve_backend(model: Optional[str], assets: Optional[Path], device: str = "cpu", lm_dtype=None,
+                    max_new_tokens: Optional[int] = None):
+    """The synthesis backend for --model / --assets.
+
+    - no --model: the built-in mini voice (`mamtra_cli/builtin/mini/`, `--model mini` names it too);
+    - --model MINI_DIR (a `mamtra build-mini` voice or a mini bundle from `mamtra export`), or a hybrid made
+      from the mini with --assets mini / --assets MINI_DIR: the mini backend (CPU, 16 kHz);
+    - --model BUNDLE (a `mamtra export` output): everything from the bundle;
+    - --model LM --assets COSYVOICE2_DIR: the LM from a MamTra model dir / CosyVoice 2 dir / llm.pt, the rest
+      from the CosyVoice 2 directory; --model COSYVOICE2_DIR alone uses that directory for both.
+    """
+    from mamtra_cli.mini import BUILTIN_DIR
+    from mamtra_cli.synthesis import backend as B
+
+    if model is None or model == "mini":
+        if assets is not None:
+            raise UserError("The built-in mini voice carries its own codec; drop --assets.")
+        return default_backend(device, lm_dtype)
+    if assets is not None and str(assets) == "mini":
+        assets = BUILTIN_DIR
+    path = Path(model)
+    if B.is_bundle(path):
+        if assets is not None:
+            raise UserError(f"{model} is a bundle and carries its own flow, HiFT and front end; drop --assets.")
+        return B.CosyVoice2Backend.from_bundle(path, device=device, lm_dtype=lm_dtype, max_new_tokens=max_new_tokens)
+    if not path.exists():
+        raise UserError(f"Model {model} does not exist; pass a bundle from `mamtra export` or a model directory "
+                        "with --assets.")
+    # A mini voice directory (`mamtra build-mini`) holds its LM, character vocabulary and codec together;
+    # a hybrid made from it (transfer/distill) borrows the codec with --assets MINI_DIR.
+    mini_dir = path if assets is None else assets
+    if path.is_dir() and (Path(mini_dir) / "codec.yaml").is_file():
+        from mamtra_cli.mini.backend import MiniBackend
+
+        if MiniBackend.accepts(path, mini_dir):
+            return MiniBackend(path, codec_dir=mini_dir, dtype=lm_dtype)
+    if assets is None:
+        if B.has_cosyvoice2_assets(path):
+            assets = path
+        else:
+            raise UserError(f"{model} is not a bundle; pass --assets with a CosyVoice 2 model directory for the "
+                            f"flow, HiFT and front end, or make a bundle with `mamtra export --model {model}`.")
+    return B.CosyVoice2Backend.from_dirs(model, assets, device=device, lm_dtype=lm_dtype,
+                                         max_new_tokens=max_new_tokens)
+
+
+def default_backend(device: str, lm_dtype=None):
+    """The built-in mini voice when the package ships one (`mamtra_cli/builtin/mini/`)."""
+    from mamtra_cli.mini import BUILTIN_DIR
+
+    if (BUILTIN_DIR / "codec.yaml").is_file():
+        from mamtra_cli.mini.backend import MiniBackend
+
+        if device not in ("cpu", "auto") and not device.startswith("cpu"):
+            raise UserError(f"The mini voice runs on the CPU; drop --device {device} (or use --device cpu).")
+        return MiniBackend(dtype=lm_dtype)
+    raise UserError("This version ships no default voice: pass --model BUNDLE (from `mamtra export`), "
+                    "--model LM_DIR --assets COSYVOICE2_DIR, or a voice made by `mamtra build-mini`.")
+
+
+def default_reference(model: Optional[str], assets: Optional[Path]) -> Optional[tuple[Path, Optional[str]]]:
+    """(wav, transcript) of the sample voice that ships with a mini voice: the built-in one when no --model
+    is given, else the mini dir/bundle of --model or --assets. None when there is none (CosyVoice 2)."""
+    from mamtra_cli.mini import BUILTIN_DIR
+
+    candidates = []
+    if model is None or model == "mini":
+        candidates.append(BUILTIN_DIR)
+    else:
+        candidates.append(Path(model))
+        if assets is not None:
+            candidates.append(BUILTIN_DIR if str(assets) == "mini" else Path(assets))
+    for d in candidates:
+        wav = d / "sample_voice.wav"
+        if wav.is_file() and (d / "codec.yaml").is_file():
+            txt = d / "sample_voice.txt"
+            return wav, (txt.read_text().strip() or None) if txt.is_file() else None
+    return None
