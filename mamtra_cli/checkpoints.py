@@ -16,6 +16,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -80,48 +81,211 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse to overwrite an existing output unless --force (checked before any work is done)."""
+    """Refuse to overwrite an existing output unless --force (checked before any work is done).
+
+    This is the early, friendly check; the one that holds is made again at the moment of publishing
+    (`replace_dir`), because another run may create `out` while this one is working."""
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"Output {out} already exists; choose another --out or pass --force to replace it.")
     if out.exists() and not out.is_dir():
         raise UserError(f"Output {out} exists and is not a directory; remove it or choose another --out.")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise UserError(f"The parent of --out ({out.parent}) is not a directory; choose another --out.")
+    check_writable_parent(out)
+
+
+def check_writable_parent(out: Path) -> None:
+    """The folder that will receive `out` (its parent, or the nearest existing ancestor, which
+    `staged_output` creates the rest under) must be a directory this user can write in; otherwise a
+    stage would fail with a PermissionError traceback after all its work."""
+    out = Path(out)
+    parent = out.parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"The parent of {out} ({parent}) is not a directory; choose another output path.")
+    anc = parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UserError(f"{anc} is not a directory, so {out} cannot be created there; choose another output path.")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise UserError(f"Cannot write in {anc} (permission denied), so {out} cannot be created; choose an "
+                        "output path in a folder you can write to.")
 
 
 @contextlib.contextmanager
 def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success, atomically replace `out` with it.
+    """Yield a temporary sibling directory; on success, move it to `out` (`replace_dir`).
 
-    On any exception the temporary directory is removed and `out` (if it existed) is untouched.
+    On any exception the temporary directory is removed and `out` (if it existed) is untouched. Without
+    `force`, an `out` that appeared while the stage ran (another run with the same --out) is not replaced:
+    this run fails with a UserError and its temporary directory is removed.
     """
     out = Path(out)
     check_output_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = _fresh_sibling(out, "tmp")
     try:
         yield tmp
+        replace_dir(tmp, out, force=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    replace_dir(tmp, out)
 
 
-def replace_dir(src: Path, out: Path) -> None:
-    """Rename the finished directory `src` to `out`, replacing an old `out` so that at every instant one
-    complete directory exists (the old one is moved aside first and removed last)."""
+def _fresh_sibling(out: Path, kind: str) -> Path:
+    """Create and return a new hidden directory beside `out`, unique to this call: two runs (or two stages
+    in one process) writing the same --out must never share, or delete, each other's temporary directory."""
+    while True:
+        cand = out.with_name(f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            cand.mkdir()
+            return cand
+        except FileExistsError:
+            continue
+
+
+def replace_dir(src: Path, out: Path, force: bool = False) -> None:
+    """Move the finished directory `src` to `out`.
+
+    Without `force` the move is exclusive (`rename_noreplace`): if `out` exists at that instant, nothing is
+    replaced and a UserError is raised (the caller removes `src`). An existence check made earlier is not
+    enough: another run may have published the same --out in between.
+    With `force` an old `out` is replaced so that at every instant one complete directory exists (the old one
+    is moved aside first and removed last)."""
     src, out = Path(src), Path(out)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if not force:
+        try:
+            rename_noreplace(src, out)
+        except FileExistsError:
+            raise UserError(f"Output {out} appeared while this stage was running (another run with the same "
+                            "--out?); it was left untouched and this run's result discarded — choose another "
+                            "--out or pass --force to replace it.") from None
+        return
+    old = _fresh_sibling(out, "old")
+    old.rmdir()  # only the unique name is wanted; os.replace below needs it free
+    try:
         os.replace(out, old)
+    except FileNotFoundError:  # nothing to replace (or it vanished since the check)
+        old = None
+    try:
         os.replace(src, out)
+    except OSError as e:
+        # Something new took `out` between the two renames: keep that, and put the old output back beside it
+        # rather than delete it.
+        where = ""
+        if old is not None:
+            try:
+                rename_noreplace(old, out)
+                old = None
+            except OSError:
+                where = f" (the previous output is kept in {old})"
+        raise UserError(f"Could not move the result into {out} ({e.strerror or e}){where}; another process is "
+                        "writing there — run again when it has finished.") from None
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, out)
+
+
+def temp_sibling_file(path: Path) -> Path:
+    """A hidden temporary name beside the file `path` (same folder, so the final move is a rename on one file
+    system), unique per call, keeping `path`'s suffix (writers such as matplotlib pick the format from it)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+
+
+def publish_file(tmp: Path, path: Path, force: bool) -> None:
+    """Move the finished temporary file `tmp` to `path`. Without `force` the move is exclusive: a `path`
+    that appeared since the command checked (another run writing the same output) is kept, `tmp` is removed
+    and a UserError raised. With `force` an existing file is replaced atomically (os.replace)."""
+    tmp, path = Path(tmp), Path(path)
+    try:
+        if path.is_dir():
+            raise UserError(f"Output {path} is a directory; give a file name, or remove the directory.")
+        if force:
+            os.replace(tmp, path)
+            return
+        try:
+            rename_noreplace(tmp, path)
+        except FileExistsError:
+            raise UserError(f"Output {path} appeared while this command was writing it (another run with the "
+                            "same output?); it was left untouched and this result discarded — pass --force to "
+                            "overwrite it or choose another output path.") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------- exclusive rename
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_AT_FDCWD = -100  # linux/fcntl.h
+_renameat2_fn = None  # resolved once: the libc function, or False when this libc has none
+
+
+def _renameat2(src: Path, dst: Path) -> bool:
+    """Linux renameat2(RENAME_NOREPLACE): True if done; False if unavailable here (no such libc function,
+    kernel or file-system support), so the caller must use the portable way. FileExistsError if `dst` exists."""
+    global _renameat2_fn
+    if _renameat2_fn is None:
+        _renameat2_fn = False
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc ≥ 2.28, musl ≥ 1.2.2
+                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                _renameat2_fn = fn
+            except (AttributeError, OSError):
+                pass
+    if not _renameat2_fn:
+        return False
+    import ctypes
+    import errno
+
+    if _renameat2_fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    # EINVAL: this file system does not support the flag; ENOSYS: a kernel older than 3.15 (or a seccomp
+    # filter) lacks the system call. Both mean: do it the portable way.
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename the file or directory `src` to `dst` only if `dst` does not exist, as one decision: raise
+    FileExistsError otherwise, leaving both as they were. `src` and `dst` must be on one file system.
+
+    - Linux: renameat2(RENAME_NOREPLACE), atomic in the kernel.
+    - Windows: os.rename already refuses an existing target.
+    - Elsewhere (or a file system without RENAME_NOREPLACE), portably: a plain rename is *not* exclusive on
+      POSIX — it replaces a file, and also an existing empty directory — so the target name is first claimed
+      with an operation that is exclusive everywhere: a hard link for a file (os.link fails on an existing
+      name; the file then has both names and `src` is unlinked, so no empty or partial file is ever seen at
+      `dst`), os.mkdir for a directory (then a rename onto that empty directory, which we created, replaces
+      it atomically; if another process filled it meanwhile the rename fails and its content is kept).
+    """
+    src, dst = Path(src), Path(dst)
+    if _renameat2(src, dst):
+        return
+    if os.name == "nt":
+        os.rename(src, dst)  # FileExistsError if dst exists
+        return
+    if src.is_dir() and not src.is_symlink():
+        os.mkdir(dst)  # FileExistsError if dst exists: the exclusive step
+        try:
+            os.rename(src, dst)
+        except OSError as e:
+            raise FileExistsError(e.errno, f"{dst} was filled by another process", str(dst)) from None
+        return
+    try:
+        os.link(src, dst, follow_symlinks=False)  # FileExistsError if dst exists: the exclusive step
+    except FileExistsError:
+        raise
+    except OSError:
+        # No hard links on this file system (FAT, some network mounts): claim the name with O_EXCL instead,
+        # then replace our own empty placeholder atomically.
+        os.close(os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.replace(src, dst)
+        return
+    os.unlink(src)
 
 
 def load_foreign_checkpoint(path: Path, fix: str):

@@ -238,14 +238,12 @@ def barrier(env: DistEnv) -> None:
 
 
 def pick_device(device: str, env: DistEnv) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu.")
+    """--device (auto | cpu | cuda, checked by the CLI's shared validator) → this rank's device: under
+    torchrun each rank takes cuda:LOCAL_RANK, so no explicit index is accepted."""
+    from mamtra_cli.cli import parse_device
+
+    if parse_device(device, allow_index=False) == "cuda":
         return torch.device("cuda", env.local_rank)
-    if device != "cpu":
-        raise UserError(f"Unknown --device {device!r}; use auto, cpu or cuda.")
     return torch.device("cpu")
 
 
@@ -317,6 +315,38 @@ class DistillConfig:
         d["betas"] = list(self.betas)
         return d
 
+    def check(self) -> list[str]:
+        """Raise a UserError for a value the run cannot use, before anything is written (AdamW itself would
+        only refuse a negative --lr in `Distiller.setup`, after OUT.partial/ exists, leaving a run directory
+        that blocks the next attempt). Returns warnings: legal settings that are probably a mistake.
+
+        `not (x >= 0)` style comparisons also catch NaN."""
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise UserError(message)
+
+        need(self.lr >= 0 and math.isfinite(self.lr),  # 0 is AdamW's limit too (a no-update run, used in tests)
+             f"--lr must be a non-negative learning rate such as 1e-4 (got {self.lr}).")
+        need(self.weight_decay >= 0 and math.isfinite(self.weight_decay),
+             f"--weight-decay must be 0 or positive (got {self.weight_decay}).")
+        need(all(0.0 <= b < 1.0 for b in self.betas),
+             f"--betas must both lie in [0, 1), like 0.9,0.95 (got {','.join(map(str, self.betas))}).")
+        for name, w in (("--kl-weight", self.kl_weight), ("--ce-weight", self.ce_weight)):
+            need(w >= 0 and math.isfinite(w), f"{name} must be 0 or positive (got {w}).")
+        need(self.kl_weight > 0 or self.ce_weight > 0,
+             "--kl-weight and --ce-weight are both 0, so nothing would be learned; make one of them positive.")
+        need(self.temperature > 0 and math.isfinite(self.temperature),
+             f"--temperature must be positive (got {self.temperature}).")
+        need(self.clip >= 0 and math.isfinite(self.clip),
+             f"--clip must be 0 (no clipping) or positive (got {self.clip}).")
+        need(self.warmup >= 0, f"--warmup must be 0 or positive (got {self.warmup}).")
+        warnings = []
+        if self.max_steps is not None and self.warmup > self.max_steps:
+            warnings.append(f"--warmup {self.warmup} exceeds --max-steps {self.max_steps}, so the learning rate "
+                            f"never reaches --lr {self.lr:g} (it stops at {self.max_steps / self.warmup:.0%} of "
+                            "it); lower --warmup if that is not intended.")
+        return warnings
+
 
 class Distiller:
     """setup → train → save_checkpoint, with resume. Only rank 0 prints and writes.
@@ -340,6 +370,7 @@ class Distiller:
     # ------------------------------------------------------------------ setup
     def setup(self, resume_from: Path | None = None) -> None:
         cfg = self.cfg
+        cfg.check()  # library callers get the stage's checks too (the stage ran them before writing anything)
         # Per-rank randomness (none in the loss today; dropout-free models) gets its own stream.
         random.seed(cfg.seed + self.env.rank)
         torch.manual_seed(cfg.seed + self.env.rank)

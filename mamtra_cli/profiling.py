@@ -524,13 +524,64 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def write_results(out: Path, stem: str, rows: list[dict], result: dict, plot: Callable[[Path], None]) -> None:
+RESULT_SUFFIXES = ("csv", "json", "png")  # the files write_results makes: STEM.csv, STEM.json, STEM.png
+
+
+def check_results_out(out: Path | None, stem: str, force: bool) -> None:
+    """--out DIR of a profile, checked before anything is measured: DIR may exist (several profiles share
+    one folder), but this profile's STEM.csv/json/png in it are only replaced with --force."""
+    from mamtra_cli.checkpoints import check_writable_parent
+
+    if out is None:
+        return
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; --out names a folder for {stem}.csv, {stem}.json and "
+                        f"{stem}.png — choose another --out.")
+    for suffix in RESULT_SUFFIXES:
+        path = out / f"{stem}.{suffix}"
+        if path.is_dir():
+            raise UserError(f"{path} is a directory, where this profile writes a file; remove it or choose "
+                            "another --out.")
+        if (path.exists() or path.is_symlink()) and not force:
+            raise UserError(f"{path} already exists; pass --force to replace this profile's results or "
+                            "choose another --out.")
+    check_writable_parent(out / f"{stem}.csv")
+
+
+def write_results(out: Path, stem: str, rows: list[dict], result: dict, plot: Callable[[Path], None],
+                  force: bool = False) -> None:
     """A profile's files in `out`: STEM.csv (the rows), STEM.json (the result) and STEM.png (`plot(path)`);
-    their paths are then recorded in result["files"] for --json."""
-    write_csv(out / f"{stem}.csv", rows)
-    write_json(out / f"{stem}.json", result)
-    plot(out / f"{stem}.png")
-    result["files"] = {k: str(out / f"{stem}.{k}") for k in ("csv", "json", "png")}
+    their paths are then recorded in result["files"] for --json.
+
+    All three are written to temporary files first and then moved into place one by one, so no reader ever
+    sees a half-written file; without `force` each move is exclusive, and if one of the names was taken
+    meanwhile (another run with the same --out) the files this call already published are taken back and
+    a UserError is raised, leaving the other run's files as they are."""
+    from mamtra_cli.checkpoints import publish_file, temp_sibling_file
+
+    out = Path(out)
+    check_results_out(out, stem, force)
+    out.mkdir(parents=True, exist_ok=True)
+    finals = {suffix: out / f"{stem}.{suffix}" for suffix in RESULT_SUFFIXES}
+    tmps = {suffix: temp_sibling_file(path) for suffix, path in finals.items()}
+    published: list[Path] = []
+    try:
+        write_csv(tmps["csv"], rows)
+        write_json(tmps["json"], result)
+        plot(tmps["png"])
+        for suffix in RESULT_SUFFIXES:
+            publish_file(tmps[suffix], finals[suffix], force)
+            published.append(finals[suffix])
+    except UserError:
+        if not force:
+            for path in published:  # ours, moved in a moment ago: a set from two runs would mislead
+                path.unlink(missing_ok=True)
+        raise
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+    result["files"] = {suffix: str(path) for suffix, path in finals.items()}
 
 
 def _pyplot():

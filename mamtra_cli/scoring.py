@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from mamtra_cli.data_manifest import Utterance
+from mamtra_cli.errors import UserError
 from mamtra_cli.models.speech_lm import SpeechLM
 
 
@@ -27,9 +28,25 @@ def pad_batch(utts: list[Utterance]) -> tuple[torch.Tensor, torch.Tensor, torch.
     return text, tl, speech, sl
 
 
+def check_utterance_lengths(utts: list[Utterance], max_positions: int, source: str = "the data") -> None:
+    """Refuse, before any forward pass, an utterance whose teacher-forced sequence (sos + text + task_id +
+    speech: 2 + T + S positions) is longer than the model's `max_position_embeddings`: the model was never
+    trained at such positions (RoPE would extrapolate silently), so its score would mean nothing, and one
+    such utterance in a long manifest would otherwise be found only after everything before it was scored."""
+    too_long = [u for u in utts if 2 + len(u.text_tokens) + len(u.speech_tokens) > max_positions]
+    if too_long:
+        u = max(too_long, key=lambda u: len(u.text_tokens) + len(u.speech_tokens))
+        n = 2 + len(u.text_tokens) + len(u.speech_tokens)
+        more = f" ({len(too_long)} utterances are too long; this is the longest)" if len(too_long) > 1 else ""
+        raise UserError(f"Utterance {u.utt!r} in {source} needs {n} positions (2 + {len(u.text_tokens)} text + "
+                        f"{len(u.speech_tokens)} speech tokens) but the model handles at most {max_positions} "
+                        f"(max_position_embeddings){more}; drop or split it in the manifest.")
+
+
 @torch.inference_mode()
 def score_utterances(model: SpeechLM, utts: list[Utterance], batch_size: int = 8,
-                     progress: Callable[[int], None] | None = None) -> dict:
+                     progress: Callable[[int], None] | None = None, source: str = "the data") -> dict:
+    check_utterance_lengths(utts, model.config.max_position_embeddings, source)
     order = sorted(range(len(utts)), key=lambda i: -(len(utts[i].text_tokens) + len(utts[i].speech_tokens)))
     per_utt: dict[str, dict] = {}
     ce_total, tokens_total, correct_total = 0.0, 0, 0

@@ -46,6 +46,7 @@ def cache_growth(
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for cache_growth.csv, cache_growth.json and cache_growth.png."),
     seed: int = typer.Option(0, "--seed", help="Seed of random weights and inputs."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    force: bool = typer.Option(False, "--force", help="Replace this profile's existing result files in --out."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
     """Cache bytes vs tokens for the teacher and its hybrids (Fig. 5), measured and checked.
@@ -66,10 +67,13 @@ def cache_growth(
     from rich.console import Console
 
     from mamtra_cli import profiling as P
+    from mamtra_cli.cli import check_threads
     from mamtra_cli.errors import UserError
     from mamtra_cli.models.cache import analytic_cache_bytes
 
     console = Console(stderr=True)
+    check_threads(threads)
+    P.check_results_out(out, "cache_growth", force)  # before minutes of measuring, not after
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = P.parse_dtype(dtype)
@@ -150,7 +154,7 @@ def cache_growth(
                         lambda png: P.plot_lines(png,
                                  {s.name: (wanted, [measured[s.name][n]["mb"] for n in wanted]) for s in specs},
                                  "sequence length (tokens)", f"decode cache (MB, {dtype}, batch {batch})",
-                                 "Cache growth: teacher vs hybrids", note="; ".join(notes)))
+                                 "Cache growth: teacher vs hybrids", note="; ".join(notes)), force=force)
     if json_out:
         print(json.dumps(result))
         return

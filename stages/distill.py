@@ -54,6 +54,7 @@ def distill(
     """
     import json
     import shutil
+    import sys
 
     import torch
     from rich.console import Console
@@ -64,10 +65,14 @@ def distill(
     from mamtra_cli.data_manifest import check_same_tokenizers, read_manifest
     from mamtra_cli.errors import UserError
     from mamtra_cli.models.speech_lm import load_model_dir
+    from mamtra_cli.scoring import check_utterance_lengths
     from mamtra_cli.teachers import load_teacher
+
+    from mamtra_cli.cli import check_threads
 
     env = kd.dist_env_from_environ()
     console = Console(stderr=True, quiet=not env.is_main)
+    check_threads(threads)
     if threads:
         torch.set_num_threads(threads)
 
@@ -88,6 +93,9 @@ def distill(
                            grad_accum=grad_accum, clip=clip, epochs=epochs, max_steps=max_steps,
                            batch_tokens=batch_tokens, seed=seed, dtype=dtype, grad_checkpointing=grad_checkpointing,
                            save_every=save_every, eval_every=eval_every, keep_checkpoints=keep_checkpoints)
+    for warning in cfg.check():  # values are checked before OUT.partial/ or anything else is created
+        if env.is_main:
+            print(f"mamtra distill: warning: {warning}", file=sys.stderr)
     checkpoints.check_output_dir(out, force)
     partial = kd.partial_dir(out)
     run_inputs = {"teacher": str(Path(teacher).resolve()), "student": str(student.resolve()),
@@ -117,6 +125,8 @@ def distill(
         val_header, val_utts = read_manifest(val, text_vocab=scfg.text_vocab_size,
                                              speech_vocab=scfg.speech_token_size)
         check_same_tokenizers(train_header, val_header, str(data), str(val))
+        check_utterance_lengths(val_utts, scfg.max_position_embeddings, str(val))  # scored at step 0
+    check_utterance_lengths(train_utts, scfg.max_position_embeddings, str(data))
     kd.select_trainable(student_lm, train)  # a glob matching nothing fails here, before any writing
 
     # ---- set up the run directory (rank 0) and the process group

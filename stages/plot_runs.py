@@ -13,8 +13,9 @@ FINAL_WINDOW = 10  # final train KL = mean over the last this-many steps (one ba
 
 def plot_runs(
     runs: List[Path] = typer.Argument(..., help="Distill output directories (or their metrics.jsonl, or OUT.partial/)."),
-    out: Path = typer.Option(..., "--out", help="PNG to write."),
+    out: Path = typer.Option(..., "--out", help="Image to write (PNG; the suffix picks another format: .svg, .pdf)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated legend labels, one per run (default: directory names)."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print the table as one JSON object."),
 ) -> None:
     """Overlay train KL and validation CE against the step for RUNS into one PNG; print initial/final numbers.
@@ -28,6 +29,7 @@ def plot_runs(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mamtra_cli.checkpoints import check_writable_parent, publish_file, temp_sibling_file
     from mamtra_cli.distill import METRICS_FILE, read_metrics
     from mamtra_cli.errors import UserError
 
@@ -36,6 +38,17 @@ def plot_runs(
         raise UserError(f"--labels has {len(names)} label(s) for {len(runs)} run(s); give one label per run.")
     if not out.parent.exists():
         raise UserError(f"The directory of --out ({out.parent}) does not exist; create it first.")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give the image's file name, e.g. {out / 'runs.png'}.")
+    if out.exists() and not force:
+        raise UserError(f"Output {out} already exists; pass --force to replace it or choose another --out.")
+    check_writable_parent(out)
+    fmt_name = out.suffix[1:].lower() or "png"
+    supported = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if fmt_name not in supported:
+        raise UserError(f"--out {out}: matplotlib cannot write .{fmt_name} images; use one of "
+                        f"{', '.join('.' + k for k in sorted(supported))}.")
 
     rows, curves = [], []
     for run, name in zip(runs, names):
@@ -71,8 +84,15 @@ def plot_runs(
     ax2.set_title("validation CE")
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    # A temporary file beside --out, then one exclusive move (replacing only with --force): a reader never
+    # sees half an image, and a file another run wrote at --out meanwhile is kept.
+    tmp = temp_sibling_file(out)
+    try:
+        fig.savefig(tmp, dpi=100, format=fmt_name)
+        publish_file(tmp, out, force)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
     if json_out:
         print(json.dumps({"plot": str(out), "runs": rows}))

@@ -443,7 +443,8 @@ def prepare(
     """
     from rich.console import Console
 
-    from mamtra_cli.checkpoints import file_fingerprint, replace_dir, run_manifest, write_json_atomic
+    from mamtra_cli.checkpoints import (check_writable_parent, file_fingerprint, replace_dir, run_manifest,
+                                        write_json_atomic)
     from mamtra_cli.errors import UserError
     from mamtra_cli.frontend.text import NORMALIZATION_VERSION, TextTokenizer
 
@@ -475,6 +476,7 @@ def prepare(
         raise UserError(f"The parent directory of --out ({out.parent}) does not exist; create it first.")
     if out.exists() and not out.is_dir():
         raise UserError(f"Output {out} exists and is not a directory; remove it or choose another --out.")
+    check_writable_parent(out)
 
     text_tok = TextTokenizer.from_dir(tokenizer_dir)
 
@@ -597,7 +599,9 @@ def prepare(
     for split in ("train", "val"):
         if not any((work / split).iterdir()):
             (work / split).rmdir()
-    replace_dir(work, out)
+    # Exclusive unless --force: an --out another run published meanwhile is not replaced (the work stays in
+    # OUT.partial, so a re-run with --force reuses every finished shard).
+    replace_dir(work, out, force=force)
     summary["out"] = str(out)
     _print_summary(summary, json_out, console)
 

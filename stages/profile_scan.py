@@ -37,12 +37,14 @@ def profile_scan(
     from rich.console import Console
 
     from mamtra_cli import profiling as P
+    from mamtra_cli.cli import check_threads
     from mamtra_cli.errors import UserError
     from mamtra_cli.models.bench_ssd import bench_scan
     from mamtra_cli.models.config import ATTENTION, MAMBA
     from mamtra_cli.profiling import ModelSpec
 
     console = Console(stderr=True)
+    check_threads(threads)
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = P.parse_dtype(dtype)

@@ -60,6 +60,7 @@ def profile_speed(
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for speed.csv, speed.json and speed.png."),
     seed: int = typer.Option(0, "--seed", help="Seed of random weights and inputs."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    force: bool = typer.Option(False, "--force", help="Replace this profile's existing result files in --out."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
     """Decode and prefill tokens/s per model, batch and context, against the bandwidth floor.
@@ -80,20 +81,19 @@ def profile_speed(
     from rich.console import Console
 
     from mamtra_cli import profiling as P
-    from mamtra_cli.errors import UserError
+    from mamtra_cli.cli import check_threads, parse_device
     from mamtra_cli.models.cache import analytic_cache_bytes
 
     console = Console(stderr=True)
+    check_threads(threads)
+    device = parse_device(device, allow_index=False)
+    P.check_results_out(out, "speed", force)  # before measuring, not after
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = P.parse_dtype(dtype)
     bpe = torch.tensor([], dtype=torch_dtype).element_size()
     batches = P.parse_int_list(batch, "--batch")
     ctxs = P.parse_int_list(contexts, "--contexts")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda given but no CUDA device is available; use --device cpu.")
     specs = P.resolve_specs(model, arch, ratio, seed)
 
     with console.status("measuring memory bandwidth"):
@@ -163,7 +163,7 @@ def profile_speed(
                                                                   and r["batch"] == b and r["context"] == c) for c in ctxs])
                                   for s in specs for b in batches},
                                  "context (tokens)", "decode throughput (tokens/s, all streams)",
-                                 f"Decode speed ({device}, {dtype})", logx=True, note=notes[0]))
+                                 f"Decode speed ({device}, {dtype})", logx=True, note=notes[0]), force=force)
     if json_out:
         print(json.dumps(result))
         return

@@ -111,6 +111,7 @@ def profile_vram(
     ref: Optional[Path] = typer.Option(None, "--ref", help="With --bundle: the reference voice wav."),
     ref_text: Optional[str] = typer.Option(None, "--ref-text", help="With --bundle: the reference's transcript."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="With --bundle: cap on generated speech tokens."),
+    force: bool = typer.Option(False, "--force", help="Replace this profile's existing result files in --out."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
     """Peak memory of the LM's synthesis work per model, batch and length, and streams/ms-per-token on --gpu.
@@ -140,24 +141,27 @@ def profile_vram(
 
     import profiles
     from mamtra_cli import profiling as P
+    from mamtra_cli.cli import check_threads, parse_device
     from mamtra_cli.errors import UserError
 
     console = Console(stderr=True)
+    check_threads(threads)
+    # The worker measures on the default CUDA device, hence no cuda:N.
+    device = parse_device(device, allow_index=False)
+    P.check_results_out(out, "vram_synth" if bundle else "vram", force)  # before measuring, not after
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1 (got {max_tokens}).")
     card = profiles.load("gpu", gpu)
     card.setdefault("name", gpu)
     torch_dtype = P.parse_dtype(dtype)
     bpe = torch.tensor([], dtype=torch_dtype).element_size()
     batches = P.parse_int_list(batch, "--batch")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
-        raise UserError(f"--device {device!r} is not usable here; use auto, cpu or cuda (with a GPU).")
     if fill not in ("prefill", "synthetic"):
         raise UserError(f"Unknown --fill {fill!r}; use prefill or synthetic.")
 
     if bundle:
         return _profile_bundles(bundle, text, ref, ref_text, max_tokens, card, device, seed, threads, out, json_out,
-                                console)
+                                console, force)
     if eval_list is not None:
         utts = eval_list_lengths(eval_list)
         longest = max(utts, key=lambda u: u["total_tokens"])
@@ -215,7 +219,7 @@ def profile_vram(
             {s.name: [next(r["peak_mb"] for r in rows if r["model"] == s.name and r["case"] == c
                            and r["batch"] == b) for c, b in groups] for s in specs},
             "length / batch", f"peak LM working memory (MB, {dtype}, weights excluded)",
-            f"Synthesis-time memory ({device})", note="; ".join(notes[:2])))
+            f"Synthesis-time memory ({device})", note="; ".join(notes[:2])), force=force)
     if json_out:
         print(json.dumps(result))
         return
@@ -229,7 +233,7 @@ def profile_vram(
 
 
 def _profile_bundles(bundles, text, ref, ref_text, max_tokens, card, device, seed, threads, out, json_out,
-                     console) -> None:
+                     console, force: bool = False) -> None:
     """End-to-end synthesis peak per bundle (the `synth` workload), and streams of it on the card."""
     import json
 
@@ -263,7 +267,8 @@ def _profile_bundles(bundles, text, ref, ref_text, max_tokens, card, device, see
     if out is not None:
         P.write_results(out, "vram_synth", rows, result, lambda png: P.plot_bars(
             png, ["end-to-end synthesis"], {r["model"]: [r["peak_mb"]] for r in rows}, "bundle",
-            "peak working memory (MB, weights excluded)", f"Synthesis memory ({device})", note=result["notes"][0]))
+            "peak working memory (MB, weights excluded)", f"Synthesis memory ({device})", note=result["notes"][0]),
+            force=force)
     if json_out:
         print(json.dumps(result))
         return

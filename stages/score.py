@@ -26,17 +26,20 @@ def score(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from mamtra_cli.cli import check_threads
     from mamtra_cli.data_manifest import read_manifest
-    from mamtra_cli.scoring import score_utterances
+    from mamtra_cli.scoring import check_utterance_lengths, score_utterances
     from mamtra_cli.teachers import load_teacher
 
     console = Console(stderr=True)
+    check_threads(threads)
     if threads:
         torch.set_num_threads(threads)
     with console.status("loading model"):
         lm, info = load_teacher(model, config_json)
     cfg = lm.config
     _, utts = read_manifest(data, text_vocab=cfg.text_vocab_size, speech_vocab=cfg.speech_token_size)
+    check_utterance_lengths(utts, cfg.max_position_embeddings, str(data))  # before the progress bar starts
     with Progress(TextColumn("scoring"), BarColumn(), TextColumn("{task.completed}/{task.total} utts"),
                   TimeRemainingColumn(), console=console, transient=True) as bar:
         task = bar.add_task("score", total=len(utts))

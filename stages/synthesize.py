@@ -39,14 +39,14 @@ def _peak_memory(device) -> tuple[float, str]:
 
 
 def _synthesize_one(backend, text: str, ref: Path, ref_text: Optional[str], out: Path, seed: int,
-                    stream: bool) -> dict:
+                    stream: bool, force: bool = False) -> dict:
     """Prompt + synthesis of one utterance into `out`; returns its report (times in seconds)."""
     backend.stats.reset()
     t0 = time.perf_counter()
     prompt = backend.prepare_prompt(ref, ref_text)
     first_chunk = None
     chunks = 0
-    with WavWriter(out, backend.sample_rate) as wav:
+    with WavWriter(out, backend.sample_rate, force=force) as wav:
         for chunk in backend.synthesize(text, prompt, seed=seed, stream=stream):
             if first_chunk is None:
                 first_chunk = time.perf_counter() - t0
@@ -154,10 +154,9 @@ def synth(
             raise UserError(f"The folder of --out ({out.parent}) does not exist; create it first.")
         items = [ListItem(None, ref_text, ref, text)]
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for CUDA but no GPU is available; use --device cpu.")
+    from mamtra_cli.cli import parse_device
+
+    dev = torch.device(parse_device(device))
     dtype = None if lm_dtype == "auto" else parse_dtype(lm_dtype, "--lm-dtype")
     if lm_dtype == "auto" and dev.type == "cpu":
         dtype = torch.float32  # half-precision matmuls are slow on CPUs
@@ -174,7 +173,7 @@ def synth(
         out_dir.mkdir(parents=True, exist_ok=True)
     for it in items:
         target = out if it.utt is None else out_dir / f"{it.utt}.wav"
-        r = _synthesize_one(backend, it.text, it.ref, it.prompt_text, target, seed, stream)
+        r = _synthesize_one(backend, it.text, it.ref, it.prompt_text, target, seed, stream, force)
         if it.utt is not None:
             r["utt"] = it.utt
         peak = _peak_memory(dev)

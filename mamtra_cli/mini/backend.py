@@ -45,8 +45,14 @@ class MiniPrompt:
 
 class MiniBackend(SynthesisBackend):
     def __init__(self, model_dir: Path | None = None, codec_dir: Path | None = None,
-                 sampling: SamplingConfig | None = None, dtype: torch.dtype | None = None):
+                 sampling: SamplingConfig | None = None, dtype: torch.dtype | None = None,
+                 max_new_tokens: int | None = None):
+        """`max_new_tokens` caps the speech tokens of each sentence (`mamtra synth --max-tokens`), on top of the
+        per-character ratio of `sampling`."""
         super().__init__()
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise UserError(f"The cap on speech tokens must be at least 1 (got {max_new_tokens}).")
+        self.max_new_tokens = max_new_tokens
         from mamtra_cli.models.speech_lm import load_model_dir
 
         self.model_dir = Path(model_dir) if model_dir is not None else BUILTIN_DIR
@@ -139,7 +145,7 @@ class MiniBackend(SynthesisBackend):
     def _utterance(self, text_tokens: list[int], prompt: MiniPrompt, seed: int) -> np.ndarray:
         t0 = time.perf_counter()
         tokens = self.lm.generate(text_tokens, prompt.prompt_text_tokens, prompt.prompt_speech_tokens,
-                                  sampling=self.sampling, seed=seed)
+                                  sampling=self.sampling, seed=seed, max_new_tokens=self.max_new_tokens)
         t1 = time.perf_counter()
         self.stats.lm_s += t1 - t0
         self.stats.tokens += len(tokens)
@@ -170,4 +176,5 @@ class MiniBackend(SynthesisBackend):
                       "griffin_lim_iters": self.codec.cfg.griffin_lim_iters,
                       "decoder_parameters": sum(p.numel() for p in self.codec.decoder.parameters())},
             "sampling": asdict(self.sampling),
+            "max_new_tokens": self.max_new_tokens,
         }

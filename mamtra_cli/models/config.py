@@ -120,7 +120,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> "ModelConfig":
         d = dict(d)
-        d.pop("derived", None)
+        derived = d.pop("derived", None)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -130,10 +130,15 @@ class ModelConfig:
         if missing:
             raise UserError(f"{source} is missing field(s) {missing}; re-create it with `mamtra transfer`.")
         if isinstance(d.get("mamba"), dict):
+            d["mamba"] = dict(d["mamba"])  # a copy: the checks below may convert values in place
             mnames = {f.name for f in dataclasses.fields(MambaConfig)}
             bad = sorted(set(d["mamba"]) - mnames)
             if bad:
                 raise UserError(f"{source} has unknown mamba field(s) {bad}.")
+        problem = _value_problem(d, derived)
+        if problem:
+            raise UserError(f"{source}: {problem}; correct the file or re-create it with the stage that wrote it.")
+        if isinstance(d.get("mamba"), dict):
             d["mamba"] = MambaConfig(**d["mamba"])
         return cls(**d)
 
@@ -156,3 +161,81 @@ class ModelConfig:
 
     def with_layer_types(self, layer_types: list[str]) -> "ModelConfig":
         return dataclasses.replace(self, layer_types=list(layer_types), mamba=dataclasses.replace(self.mamba))
+
+
+# ---- checks of a config read from a file ----
+# A hand-edited or damaged config.yaml must fail as one sentence naming the file and the field, not as a
+# TypeError or a negative tensor size deep inside the model's constructor.
+_POSITIVE_INTS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "text_vocab_size", "speech_token_size", "max_position_embeddings")
+_POSITIVE_FLOATS = ("rope_theta", "rms_norm_eps")
+_MAMBA_POSITIVE_INTS = ("d_conv", "chunk_size")
+_MAMBA_POSITIVE_FLOATS = ("dt_min", "dt_max", "dt_init_floor", "A_init_min", "A_init_max", "norm_eps")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # YAML's `true` is not a size
+
+
+def _as_float(d: dict, key: str):
+    """d[key] as a float if it is a number. PyYAML reads `1e-6` (no dot) as a *string*, a well-known YAML 1.1
+    quirk, so a numeric string is accepted and converted in place; anything else → None."""
+    v = d[key]
+    if _is_int(v) or isinstance(v, float):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            d[key] = float(v)
+            return d[key]
+        except ValueError:
+            return None
+    return None
+
+
+def _value_problem(d: dict, derived) -> str | None:
+    """The first wrong type or impossible value in a config mapping (before construction), as a clause naming
+    the field, or None. Converts numeric strings of float fields in place (see `_as_float`)."""
+    for key in _POSITIVE_INTS:
+        if key in d and not (_is_int(d[key]) and d[key] > 0):
+            return f"field {key} is {d[key]!r}, but it must be a positive integer"
+    for key in _POSITIVE_FLOATS:
+        if key in d:
+            v = _as_float(d, key)
+            if v is None or not v > 0 or v == float("inf"):
+                return f"field {key} is {d[key]!r}, but it must be a positive number"
+    if "family" in d and not isinstance(d["family"], str):
+        return f"field family is {d['family']!r}, but it must be a string"
+    types = d.get("layer_types")
+    if not isinstance(types, (list, tuple)) or not types:
+        return f"field layer_types is {types!r}, but it must be a non-empty list of 'attention' / 'mamba'"
+    bad = next((t for t in types if t not in LAYER_TYPES), None)
+    if bad is not None:
+        return f"field layer_types holds {bad!r}, but each entry must be 'attention' or 'mamba'"
+    if isinstance(derived, dict) and "num_layers" in derived and derived["num_layers"] != len(types):
+        return (f"field layer_types lists {len(types)} layer(s) but derived.num_layers says "
+                f"{derived['num_layers']!r} (the two disagree, so the file was edited or damaged)")
+    heads, kv = d.get("num_attention_heads"), d.get("num_key_value_heads")
+    if _is_int(heads) and _is_int(kv) and heads % kv:
+        return (f"field num_attention_heads ({heads}) is not a multiple of field num_key_value_heads ({kv}), "
+                "as grouped-query attention needs")
+    if ATTENTION in types and _is_int(d.get("head_dim")) and d["head_dim"] % 2:
+        return f"field head_dim is {d['head_dim']}, but rotary position embeddings need an even head_dim"
+    mamba = d.get("mamba")
+    if mamba is None or isinstance(mamba, MambaConfig):
+        return None
+    if not isinstance(mamba, dict):
+        return f"field mamba is {mamba!r}, but it must be a mapping of Mamba-2 settings"
+    for key in _MAMBA_POSITIVE_INTS:
+        if key in mamba and not (_is_int(mamba[key]) and mamba[key] > 0):
+            return f"field mamba.{key} is {mamba[key]!r}, but it must be a positive integer"
+    for key in _MAMBA_POSITIVE_FLOATS:
+        if key in mamba:
+            v = _as_float(mamba, key)
+            if v is None or not v > 0 or v == float("inf"):
+                return f"field mamba.{key} is {mamba[key]!r}, but it must be a positive number"
+    m = MambaConfig(**mamba)
+    if m.dt_min > m.dt_max:
+        return f"field mamba.dt_min ({m.dt_min}) is larger than field mamba.dt_max ({m.dt_max})"
+    if m.A_init_min > m.A_init_max:
+        return f"field mamba.A_init_min ({m.A_init_min}) is larger than field mamba.A_init_max ({m.A_init_max})"
+    return None

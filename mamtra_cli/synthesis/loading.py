@@ -31,7 +31,7 @@ def resolve_backend(model: Optional[str], assets: Optional[Path], device: str = 
     if model is None or model == "mini":
         if assets is not None:
             raise UserError("The built-in mini voice carries its own codec; drop --assets.")
-        return default_backend(device, lm_dtype)
+        return default_backend(device, lm_dtype, max_new_tokens)
     if assets is not None and str(assets) == "mini":
         assets = BUILTIN_DIR
     path = Path(model)
@@ -49,7 +49,7 @@ def resolve_backend(model: Optional[str], assets: Optional[Path], device: str = 
         from mamtra_cli.mini.backend import MiniBackend
 
         if MiniBackend.accepts(path, mini_dir):
-            return MiniBackend(path, codec_dir=mini_dir, dtype=lm_dtype)
+            return MiniBackend(path, codec_dir=mini_dir, dtype=lm_dtype, max_new_tokens=max_new_tokens)
     if assets is None:
         if B.has_cosyvoice2_assets(path):
             assets = path
@@ -60,8 +60,9 @@ def resolve_backend(model: Optional[str], assets: Optional[Path], device: str = 
                                          max_new_tokens=max_new_tokens)
 
 
-def default_backend(device: str, lm_dtype=None):
-    """The built-in mini voice when the package ships one (`mamtra_cli/builtin/mini/`)."""
+def default_backend(device: str, lm_dtype=None, max_new_tokens: Optional[int] = None):
+    """The built-in mini voice when the package ships one (`mamtra_cli/builtin/mini/`); `max_new_tokens` caps
+    the speech tokens of each sentence, as with every other backend."""
     from mamtra_cli.mini import BUILTIN_DIR
 
     if (BUILTIN_DIR / "codec.yaml").is_file():
@@ -69,7 +70,7 @@ def default_backend(device: str, lm_dtype=None):
 
         if device not in ("cpu", "auto") and not device.startswith("cpu"):
             raise UserError(f"The mini voice runs on the CPU; drop --device {device} (or use --device cpu).")
-        return MiniBackend(dtype=lm_dtype)
+        return MiniBackend(dtype=lm_dtype, max_new_tokens=max_new_tokens)
     raise UserError("This version ships no default voice: pass --model BUNDLE (from `mamtra export`), "
                     "--model LM_DIR --assets COSYVOICE2_DIR, or a voice made by `mamtra build-mini`.")
 

@@ -1,23 +1,37 @@
-"""Wav files written so that no half-written file is ever left under its final name."""
+"""Wav files written so that no half-written file is ever left under its final name, and no existing file is
+replaced unless asked (`force`)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from mamtra_cli.checkpoints import temp_sibling_file
+from mamtra_cli.errors import UserError
 
 
 class WavWriter:
-    """Mono wav written chunk by chunk into a hidden temporary file beside `path`, renamed into place on
-    success and deleted on failure (a context manager)."""
+    """Mono wav written chunk by chunk into a hidden temporary file beside `path`, moved into place on
+    success and deleted on failure (a context manager).
 
-    def __init__(self, path: Path, sample_rate: int):
-        self.path, self.sample_rate = Path(path), int(sample_rate)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}.wav")
+    Without `force` the move is exclusive (`checkpoints.publish_file`): a `path` that appeared while the audio was
+    being made (another `mamtra synth` with the same --out) is kept, and this run fails with a UserError.
+    With `force` an existing file is replaced atomically (os.replace)."""
+
+    def __init__(self, path: Path, sample_rate: int, force: bool = False):
+        self.path, self.sample_rate, self.force = Path(path), int(sample_rate), bool(force)
+        # pid + random: two writers of one path, even in one process, never share a temporary file.
+        self.tmp = temp_sibling_file(self.path)
         self.samples = 0
 
     def __enter__(self) -> "WavWriter":
         import soundfile as sf
 
+        if self.path.is_dir():
+            raise UserError(f"Output {self.path} is a directory; give a file name for the wav (e.g. "
+                            f"{self.path / 'out.wav'}).")
+        if self.path.exists() and not self.force:
+            raise UserError(f"Output {self.path} already exists; pass --force to overwrite it or choose another "
+                            "output path.")
         self._f = sf.SoundFile(str(self.tmp), mode="w", samplerate=self.sample_rate, channels=1,
                                format="WAV", subtype="PCM_16")
         return self
@@ -32,8 +46,10 @@ class WavWriter:
             self.samples += chunk.size
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        from mamtra_cli.checkpoints import publish_file
+
         self._f.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
+        if exc_type is not None:
             self.tmp.unlink(missing_ok=True)
+            return
+        publish_file(self.tmp, self.path, self.force)

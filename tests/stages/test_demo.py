@@ -73,7 +73,11 @@ def test_demo_end_to_end_smoke(tmp_path):
         assert (out / summary["paths"][key].split(str(out) + "/", 1)[1]).stat().st_size > 0
     assert json.loads((out / "demo.json").read_text())["rows"] == summary["rows"]
     # the commands name the final directory, never the temporary one the demo wrote into
-    assert all(".tmp-" not in c for c in summary["commands"]) and len(summary["commands"]) == 9
+    assert all(".tmp-" not in c for c in summary["commands"]) and len(summary["commands"]) == 10
+    # the WER/SIM columns come from `mamtra eval` on the held-out list, which names its recogniser
+    assert summary["commands"][-1].startswith("mamtra eval --list mini-heldout")
+    assert summary["wer_sentences"] == 1 and summary["asr"] and teacher["wer"] is not None
+    assert (out / "eval" / "summary.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]
     # an existing --out is refused in one line, exit 2, and left as it was
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

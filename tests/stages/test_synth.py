@@ -12,10 +12,8 @@ import pytest
 import torch
 
 from mamtra_cli.cli import main
-from tests.synthesis.test_backend import FIXTURE, make_tiny_cosyvoice2_assets, write_reference
+from tests.synthesis.test_backend import make_tiny_cosyvoice2_assets, write_reference
 
-pytestmark = pytest.mark.skipif(not (FIXTURE / "flow.pt").is_file(),
-                                reason=f"flow/HiFT fixture not found at {FIXTURE}")
 
 TEXT = "Hello world, this is speech."
 REF_TEXT = "the quick brown fox."

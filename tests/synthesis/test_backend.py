@@ -1,7 +1,7 @@
 """The CosyVoice 2 synthesis backend on a tiny random-weight CosyVoice-format directory.
 
 `make_tiny_cosyvoice2_assets` builds that directory (also used by tests/stages/test_synth.py): the tiny LM
-teacher, the flow/HiFT fixture of shared/fixtures/cv2-flow-hift (speech vocabulary 100, 16-d speaker
+teacher, the flow/HiFT fixture of tests/fixtures/cv2-flow-hift (speech vocabulary 100, 16-d speaker
 embedding) and the front-end stand-ins of tests/frontend/standins.py sized to match (speech tokenizer codes
 < 100, campplus output 16-d).
 """
@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-FIXTURE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "cv2-flow-hift"
-needs_fixture = pytest.mark.skipif(not (FIXTURE / "flow.pt").is_file(),
-                                   reason=f"flow/HiFT fixture not found at {FIXTURE}")
+# In the repository, so a fresh clone runs these tests, never skips them.
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "cv2-flow-hift"
 
 
 def make_tiny_cosyvoice2_assets(directory: Path) -> Path:
@@ -79,8 +78,6 @@ def test_split_sentences_rules():
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
-    if not (FIXTURE / "flow.pt").is_file():
-        pytest.skip(f"flow/HiFT fixture not found at {FIXTURE}")
     from mamtra_cli.synthesis.backend import CosyVoice2Backend
 
     torch.set_num_threads(1)
@@ -101,7 +98,6 @@ def _flow(backend, prompt, tokens, streaming):
                                   torch.tensor([p.prompt_mel.shape[1]]), p.embedding, streaming=streaming)[0]
 
 
-@needs_fixture
 def test_prompt_zero_shot_and_cross_lingual(backend, ref_wav):
     zs = backend.prepare_prompt(ref_wav, "the quick brown fox.")
     n = zs.flow_prompt_tokens.shape[1]
@@ -116,7 +112,6 @@ def test_prompt_zero_shot_and_cross_lingual(backend, ref_wav):
     assert torch.equal(cl.embedding, zs.embedding)
 
 
-@needs_fixture
 def test_streaming_agrees_with_non_streaming(backend, ref_wav):
     """Tolerances and why: the flow's streaming chunks use chunk attention masks, so streamed mel equals the
     *streaming* full-utterance flow (same masks) to float32 rounding (atol 1e-5), not the non-streaming one
@@ -148,7 +143,6 @@ def test_streaming_agrees_with_non_streaming(backend, ref_wav):
     assert np.corrcoef(streamed, full)[0, 1] > 0.5
 
 
-@needs_fixture
 def test_short_stream_equals_non_streaming(backend, ref_wav):
     """Fewer tokens than the first chunk needs: streaming is one finalize call, bit-identical to non-streaming."""
     from mamtra_cli.synthesis.backend import _StreamingToken2Wav
@@ -160,7 +154,6 @@ def test_short_stream_equals_non_streaming(backend, ref_wav):
     assert len(chunks) == 1 and np.array_equal(chunks[0], full)
 
 
-@needs_fixture
 def test_synthesize_counts_tokens_and_sentences(backend, ref_wav):
     backend.max_new_tokens = 12
     try:

@@ -1,4 +1,4 @@
-"""HiFT vocoder parity against CosyVoice's own outputs (shared/fixtures/cv2-flow-hift).
+"""HiFT vocoder parity against CosyVoice's own outputs (tests/fixtures/cv2-flow-hift).
 
 Tolerances (all measured on an AVX-512 Xeon, 1 thread; CosyVoice's numbers came from another CPU):
 - decode(hift_mel, hift_source) vs hift_wav: measured 8.9e-7 → atol 1e-5 (README's suggestion).
@@ -11,6 +11,8 @@ Tolerances (all measured on an AVX-512 Xeon, 1 thread; CosyVoice's numbers came 
   125 Hz maximum, while every real mistake moves F0 by whole Hz.
 - Anything computed from our own F0 (chained source, full inference) inherits that rounding,
   amplified by phase integration: measured 8e-5..1.3e-4 → atol 1e-3 (real mistakes are ≥ 0.016).
+- decode of a batch vs of each item alone (random tiny model): float32 rounding of different CPU kernels,
+  measured up to 1.5e-6 on peaks of ~0.8 → bound 2e-5 × the peak (relative, so it holds on any x86 CPU).
 """
 
 from __future__ import annotations
@@ -31,11 +33,8 @@ from mamtra_cli.synthesis.hift import (
     read_hyperpyyaml_section,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-FIX = REPO_ROOT.parent / "shared/fixtures/cv2-flow-hift"
-
-needs_fixture = pytest.mark.skipif(not (FIX / "hift.pt").is_file(),
-                                   reason=f"CosyVoice HiFT fixture not found at {FIX}")
+# In the repository (README.md there says how it was made), so a fresh clone runs these tests, never skips them.
+FIX = Path(__file__).resolve().parents[1] / "fixtures" / "cv2-flow-hift"
 
 
 @pytest.fixture(autouse=True)
@@ -58,15 +57,12 @@ def _maxabs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def hift() -> HiFTVocoder:
-    if not (FIX / "hift.pt").is_file():
-        pytest.skip(f"CosyVoice HiFT fixture not found at {FIX}")
     return load_hift(FIX / "hift.pt", FIX / "cosyvoice2.yaml")
 
 
 # ---- fixture parity -------------------------------------------------------------------------------
 
 
-@needs_fixture
 def test_config_from_shapes_and_yaml(hift):
     section = read_hyperpyyaml_section(FIX / "cosyvoice2.yaml", "hift")
     assert section["sampling_rate"] == 24000  # `!ref <sample_rate>` resolved
@@ -86,7 +82,6 @@ def test_config_from_shapes_and_yaml(hift):
     assert all(list(ours[k["key"]].shape) == k["shape"] for k in keys)
 
 
-@needs_fixture
 def test_f0(hift):
     with torch.no_grad():
         f0 = hift.f0(_arr("hift_mel.npy"))
@@ -95,7 +90,6 @@ def test_f0(hift):
     assert ((f0 > 10) == (ref > 10)).all()  # same voiced/unvoiced split (24 of 30 voiced)
 
 
-@needs_fixture
 def test_source_from_reference_f0(hift):
     torch.manual_seed(0)
     with torch.no_grad():
@@ -109,7 +103,6 @@ def test_source_from_reference_f0(hift):
     assert torch.equal(state, torch.get_rng_state())
 
 
-@needs_fixture
 def test_source_chained_from_mel(hift):
     torch.manual_seed(0)
     with torch.no_grad():
@@ -117,7 +110,6 @@ def test_source_chained_from_mel(hift):
     assert _maxabs(s, _arr("hift_source.npy")) < 1e-3
 
 
-@needs_fixture
 def test_decode(hift):
     with torch.no_grad():
         wav = hift.decode(_arr("hift_mel.npy"), _arr("hift_source.npy"))
@@ -125,7 +117,6 @@ def test_decode(hift):
     assert wav.abs().max().item() <= np.float32(0.99)  # audio_limit clamp (0.99 rounded to float32)
 
 
-@needs_fixture
 def test_decode_e2e_mel(hift):
     # Second input: the flow model's mel with the end-to-end run's recorded source.
     mel = _arr("flow_mel.npy")
@@ -137,7 +128,6 @@ def test_decode_e2e_mel(hift):
     assert _maxabs(s, _arr("e2e_source.npy")) < 1e-3
 
 
-@needs_fixture
 def test_full_inference_seeded(hift):
     mel = _arr("hift_mel.npy")
     torch.manual_seed(0)
@@ -155,7 +145,6 @@ def test_full_inference_seeded(hift):
         assert torch.equal(wav, hift.decode(mel, s_ref))
 
 
-@needs_fixture
 def test_cache_source(hift):
     mel = _arr("hift_mel.npy")
     wav0, s0 = hift.inference(mel, generator=torch.Generator().manual_seed(3))
@@ -165,7 +154,6 @@ def test_cache_source(hift):
     assert not torch.equal(wav0, wav1)
 
 
-@needs_fixture
 def test_legacy_weight_names_identical(hift):
     legacy = load_hift(FIX / "hift_legacy_weight_g_v.pt")
     mel, src = _arr("hift_mel.npy"), _arr("hift_source.npy")
@@ -198,7 +186,6 @@ def _save_modified(tmp_path: Path, edit) -> Path:
     return p
 
 
-@needs_fixture
 def test_missing_key(tmp_path):
     p = _save_modified(tmp_path, lambda sd: sd.pop("conv_post.bias"))
     with pytest.raises(UserError, match=r"missing key\(s\) conv_post\.bias") as e:
@@ -206,14 +193,12 @@ def test_missing_key(tmp_path):
     assert str(p) in str(e.value)
 
 
-@needs_fixture
 def test_unexpected_key(tmp_path):
     p = _save_modified(tmp_path, lambda sd: sd.__setitem__("decoder.extra.weight", torch.zeros(2)))
     with pytest.raises(UserError, match=r"unexpected key\(s\) decoder\.extra\.weight"):
         load_hift(p)
 
 
-@needs_fixture
 def test_wrong_shape(tmp_path):
     key = "resblocks.0.convs1.1.parametrizations.weight.original1"
     p = _save_modified(tmp_path, lambda sd: sd.__setitem__(key, torch.zeros(8, 8, 5)))
@@ -222,7 +207,6 @@ def test_wrong_shape(tmp_path):
         load_hift(p)
 
 
-@needs_fixture
 def test_yaml_contradicting_shapes(tmp_path):
     y = tmp_path / "cv.yaml"
     y.write_text((FIX / "cosyvoice2.yaml").read_text().replace("base_channels: 16", "base_channels: 32"))
@@ -295,7 +279,14 @@ def test_batch_and_sinegen_v1_smoke():
         assert s.shape == (2, 1, 4 * 480)
         wav = m.decode(mel, s)
         for b in range(2):  # batching does not mix items
-            assert _maxabs(wav[b:b + 1], m.decode(mel[b:b + 1], s[b:b + 1])) < 1e-6
+            alone = m.decode(mel[b:b + 1], s[b:b + 1])
+            # Batched and single-item convolutions may run different CPU kernels (oneDNN/MKL choose blocking
+            # and vector width by batch size and by the CPU's instruction set), so the two agree only up to
+            # float32 rounding accumulated through the conv stack and the iSTFT: 1.5e-6 measured on peaks of
+            # ~0.8 (≈ 25 ulps). The bound, 2e-5 × the peak (≈ 170 float32 ulps of it), leaves room for any x86
+            # CPU; items mixed by the batch would differ by the order of the signal itself, far above it.
+            peak = max(alone.abs().max().item(), 1e-3)
+            assert _maxabs(wav[b:b + 1], alone) < 2e-5 * peak
     # sampling_rate 22050 selects CosyVoice 1's original SineGen (not covered by the fixture).
     cfg = HiFTConfig(**{**m.cfg.__dict__, "sampling_rate": 22050, "upsample_rates": (8, 8),
                         "upsample_kernel_sizes": (16, 16), "source_resblock_kernel_sizes": (7, 11),

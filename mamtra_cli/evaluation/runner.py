@@ -1,0 +1,470 @@
+"""`evaluate`: speak every row of an evaluation list with each system, then score it: WER, SIM, and CE.
+
+A *system* is one row of the report:
+  - a model (`--model`): anything `mamtra synth --model` accepts (`mini`, a bundle, a mini voice or hybrid,
+    an LM with --assets); row i of the list is spoken with sampling seed `seed + i`, prompted with the row's
+    prompt recording and transcript (zero-shot);
+  - existing audio (`--wavs DIR`): UTT.wav for every row (e.g. `mamtra synth --list` output, or a ground truth);
+  - the ground truth of the list (its fifth field, or espeak-ng for the built-in mini list);
+  - the mini codec's resynthesis of that ground truth (encode to 25 Hz tokens, decode with the recording's own
+    statistics): the ceiling that any mini-family model can reach.
+Every utterance is transcribed by one ASR (`mamtra_cli.evaluation.asr`), scored against the row's text with
+one normaliser (`mamtra_cli.evaluation.wer`), and compared with its prompt by one speaker embedder
+(`mamtra_cli.evaluation.speaker`). CE of a model on a token manifest (`--data`) comes from `scoring`.
+
+The output directory is resumable: every finished utterance is one line of `utterances.jsonl` (appended and
+flushed as it finishes), keyed by what determines it (system fingerprint, seed, text, prompt, ASR, normaliser,
+speaker model); a second run with the same --out reuses matching lines and redoes the rest. A lock file keeps
+two runs out of one directory. `summary.json` and the PNGs are rewritten atomically at the end.
+
+    out/utterances.jsonl   per utterance: system, utt, text, hypothesis, errors, WER, SIM, durations, seed, wav
+    out/summary.json       per system: WER (mean of utterances, and corpus), SIM, CE, RTF; ASR and SIM named
+    out/wer_sim.png        WER and SIM per system
+    out/ce_vs_wer.png      CE against WER with Pearson r (the paper's Fig. 4), when two or more systems have CE
+    out/wavs/SYSTEM/UTT.wav   the synthesised (and rendered) audio
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from mamtra_cli.errors import UserError
+from mamtra_cli.evaluation.lists import EvalList, render_ground_truth
+from mamtra_cli.synthesis.references import ListItem
+
+ASR_RATE = 16000
+UNINTELLIGIBLE_WER = 0.5  # a row whose mean WER is above this is flagged: most words are not understood
+RECORDS_FILE = "utterances.jsonl"
+SUMMARY_FILE = "summary.json"
+LOCK_FILE = ".eval.lock"
+
+
+@dataclass
+class System:
+    name: str  # the row's label
+    kind: str  # "model" | "wavs" | "ground-truth" | "codec"
+    source: str | None = None  # model spec (for "model") or folder (for "wavs")
+    assets: Path | None = None  # --assets for a model that borrows flow/HiFT/codec
+    fingerprint: dict = field(default_factory=dict)
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name).strip("._") or "system"
+
+
+def parse_systems(models: list[str], wavs: list[str], ground_truth: bool | None, codec: bool,
+                  lst: EvalList, assets: Path | None = None) -> list[System]:
+    """Rows from the options: --model [NAME=]SPEC, --wavs [NAME=]DIR, the ground truth (None: when the list
+    has one and, for a rendered one, espeak-ng is installed), the codec resynthesis."""
+    from mamtra_cli.mini.corpus import espeak_path
+
+    systems: list[System] = []
+
+    def split(spec: str, default_name: Callable[[str], str]) -> tuple[str, str]:
+        if "=" in spec and not Path(spec).exists():
+            name, value = spec.split("=", 1)
+            if not name or not value:
+                raise UserError(f"{spec!r} must be SPEC or NAME=SPEC.")
+            return name, value
+        return default_name(spec), spec
+
+    needs_gt_audio = codec
+    if ground_truth is None:
+        ground_truth = lst.has_ground_truth and (not lst.espeak_speakers or espeak_path() is not None)
+    if (ground_truth or needs_gt_audio) and not lst.has_ground_truth:
+        raise UserError(f"The list {lst.name} has no ground truth (no fifth field gt_wav); drop --ground-truth and "
+                        "--codec-resynthesis, or score recordings with --wavs DIR.")
+    if (ground_truth or needs_gt_audio) and lst.espeak_speakers and espeak_path() is None:
+        raise UserError(f"The ground truth of {lst.name} is rendered by espeak-ng, which is not installed; install "
+                        "it (Debian/Ubuntu: `apt-get install espeak-ng`) or pass --no-ground-truth.")
+    if ground_truth:
+        systems.append(System("ground truth" + (" (espeak-ng)" if lst.espeak_speakers else ""), "ground-truth"))
+    if codec:
+        systems.append(System("mini codec resynthesis", "codec"))
+    for spec in models:
+        name, value = split(spec, lambda s: "mini" if s == "mini" else Path(s).name or s)
+        systems.append(System(name, "model", value, assets))
+    for spec in wavs:
+        name, value = split(spec, lambda s: Path(s).name or s)
+        if not Path(value).is_dir():
+            raise UserError(f"--wavs {value} is not a directory; pass a folder holding UTT.wav for every row.")
+        systems.append(System(name, "wavs", value))
+    if not systems:
+        raise UserError("Nothing to evaluate: pass --model (a model to synthesise with), --wavs DIR, or keep the "
+                        "ground truth.")
+    names = [s.name for s in systems]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise UserError(f"Two rows are called {dup!r}; name them with NAME=SPEC.")
+    return systems
+
+
+def check_system_inputs(lst: EvalList, systems: list[System], limit: int | None = None) -> None:
+    """Cheap checks before any model loads: every row has a readable UTT.wav in each --wavs folder."""
+    import soundfile as sf
+
+    items = lst.items[:limit] if limit else lst.items
+    for system in systems:
+        if system.kind != "wavs":
+            continue
+        folder = Path(system.source)
+        for i, it in enumerate(items):
+            path = folder / f"{it.utt}.wav"
+            if not path.is_file():
+                raise UserError(f"--wavs {folder} has no {it.utt}.wav for row {i + 1} of {lst.name}; every row needs "
+                                "one (make them with `mamtra synth --list`).")
+            try:
+                sf.info(str(path))
+            except Exception:
+                raise UserError(f"{path} is not readable audio; replace it or remove it from --wavs {folder}.") from None
+
+
+def _dir_fingerprint(path: Path) -> str:
+    """sha256 over the names, sizes and first 16 MiB of the weight and config files of a model directory (or of
+    one weights file): enough to tell two models apart without hashing gigabytes."""
+    from mamtra_cli.checkpoints import file_fingerprint
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".pt", ".yaml", ".onnx", ".json")
+        and p.name != "manifest.json")
+    h = hashlib.sha256()
+    for f in files:
+        fp = file_fingerprint(f, limit_bytes=16 << 20)
+        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{fp['bytes']}:{fp['sha256']}\n".encode())
+    return h.hexdigest()
+
+
+def _fingerprint(system: System) -> dict:
+    from mamtra_cli.mini import BUILTIN_DIR
+
+    if system.kind == "model":
+        src = BUILTIN_DIR if system.source == "mini" else Path(system.source)
+        fp = {"model": system.source, "sha256": _dir_fingerprint(src) if src.exists() else None}
+        if system.assets is not None:
+            fp["assets"] = str(system.assets)
+        return fp
+    if system.kind == "wavs":
+        return {"wavs": str(Path(system.source).resolve())}
+    if system.kind == "codec":
+        return {"codec": _dir_fingerprint(BUILTIN_DIR / "codec.safetensors")}
+    import subprocess
+
+    from mamtra_cli.mini.corpus import espeak_path
+
+    exe = espeak_path()
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip() if exe else None
+    return {"ground_truth": "list", "espeak_ng": version}
+
+
+class _Lock:
+    """An exclusive lock file in the output directory (O_EXCL); a lock left by a dead process is taken over."""
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK_FILE
+
+    def __enter__(self):
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                return self
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                    os.kill(pid, 0)
+                except (ValueError, ProcessLookupError, FileNotFoundError):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                except PermissionError:
+                    pass
+                raise UserError(f"Another `mamtra eval` (pid {pid}) is writing {self.path.parent}; wait for it or "
+                                "choose another --out.") from None
+        raise UserError(f"Cannot lock {self.path.parent}; remove {self.path} if no evaluation is running.")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def read_records(path: Path) -> list[dict]:
+    """Finished utterances of an earlier run; a torn last line (a killed run) is ignored."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "key" in rec and "utt" in rec:
+            out.append(rec)
+    return out
+
+
+def _to_asr_rate(wav: np.ndarray, sr: int) -> np.ndarray:
+    import soxr
+
+    wav = np.asarray(wav, dtype=np.float32).reshape(-1)
+    return wav if sr == ASR_RATE or wav.size == 0 else soxr.resample(wav, sr, ASR_RATE).astype(np.float32)
+
+
+def pearson(x: list[float], y: list[float]) -> float | None:
+    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+        return None
+    return float(np.corrcoef(np.asarray(x, float), np.asarray(y, float))[0, 1])
+
+
+def evaluate(lst: EvalList, systems: list[System], out: Path, asr, speaker_model=None, normalizer_name: str | None = None,
+             data: Path | None = None, seed: int = 0, limit: int | None = None,
+             log: Callable[[str], None] = lambda m: None,
+             progress: Callable[[str, int, int], None] = lambda name, done, total: None) -> dict:
+    """Evaluate every system on the first `limit` rows of `lst` into `out` (see the module docstring) and return
+    the summary (also written to out/summary.json)."""
+    from mamtra_cli.checkpoints import write_json_atomic
+    from mamtra_cli.evaluation.speaker import cosine
+    from mamtra_cli.evaluation.wer import normalizer, summarize, word_errors
+    from mamtra_cli.frontend.audio import load_audio
+
+    items = lst.items[: limit] if limit else lst.items
+    check_system_inputs(lst, systems, limit)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory; choose a folder for the evaluation.")
+    out.mkdir(parents=True, exist_ok=True)
+    norm_name = normalizer_name or asr.normalizer
+    normalize = normalizer(norm_name)
+    asr_info, sim_info = asr.describe(), (speaker_model.describe() if speaker_model is not None else None)
+    ce_by_system = _cross_entropy(systems, data, log) if data is not None else {}
+
+    with _Lock(out):
+        records_path = out / RECORDS_FILE
+        old = {(r["key"], r["utt"]): r for r in read_records(records_path)}
+        prompt_embeddings: dict[str, np.ndarray] = {}
+        batch_size = max(1, int(getattr(asr, "batch_size", 1)))
+
+        def prompt_embedding(ref: Path) -> np.ndarray:
+            from mamtra_cli.frontend.audio import load_audio
+
+            if str(ref) not in prompt_embeddings:
+                prompt_embeddings[str(ref)] = speaker_model.embed(load_audio(ref, ASR_RATE))
+            return prompt_embeddings[str(ref)]
+        summaries = []
+        with open(records_path, "a", encoding="utf-8") as sink, ThreadPoolExecutor(max_workers=1) as scorer:
+            for system in systems:
+                system.fingerprint = _fingerprint(system)
+                key_src = json.dumps({"system": system.fingerprint, "seed": seed, "asr": asr_info,
+                                      "normalizer": norm_name, "sim": sim_info}, sort_keys=True)
+                key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+                done = [old[(key, it.utt)] for it in items if (key, it.utt) in old
+                        and old[(key, it.utt)].get("text") == it.text and old[(key, it.utt)].get("prompt_wav") == str(it.ref)]
+                done_utts = {r["utt"] for r in done}
+                todo = [(i, it) for i, it in enumerate(items) if it.utt not in done_utts]
+                if done:
+                    log(f"{system.name}: {len(done)} of {len(items)} utterances reused from {records_path}")
+                records = {r["utt"]: r for r in done}
+                progress(system.name, len(done), len(items))
+                if todo:
+                    wav_dir = out / "wavs" / system.slug
+                    produce = _producer(system, lst, wav_dir, seed)
+                    pending: list[Future] = []
+
+                    def score_batch(batch: list[tuple[int, ListItem, np.ndarray, dict]]) -> None:
+                        hyps = asr.transcribe([wav16 for _, _, wav16, _ in batch])
+                        for (i, it, wav16, made), hyp in zip(batch, hyps):
+                            errs = word_errors(it.text, hyp, normalize)
+                            rec = {"key": key, "system": system.name, "utt": it.utt, "index": i, "text": it.text,
+                                   "hypothesis": hyp, "ref_normalized": normalize(it.text),
+                                   "hyp_normalized": normalize(hyp), "substitutions": errs.substitutions,
+                                   "deletions": errs.deletions, "insertions": errs.insertions,
+                                   "ref_words": errs.ref_words, "wer": errs.wer, "sim": None,
+                                   "prompt_wav": str(it.ref), "prompt_text": it.prompt_text, **made}
+                            if speaker_model is not None and wav16.size:
+                                rec["sim"] = cosine(prompt_embedding(it.ref), speaker_model.embed(wav16))
+                            sink.write(json.dumps(rec) + "\n")
+                            sink.flush()
+                            records[it.utt] = rec
+                        progress(system.name, len(records), len(items))
+
+                    # Synthesis runs on this thread while the previous batch is transcribed on the scorer thread:
+                    # torch and CTranslate2 both release the GIL, so the two overlap on two cores.
+                    batch: list = []
+                    for i, it in todo:
+                        made = produce(i, it)
+                        # Scored as written (16-bit, clipped): the file on disk is what anyone can check again.
+                        batch.append((i, it, load_audio(made["wav"], ASR_RATE), made))
+                        if len(batch) >= batch_size:
+                            pending.append(scorer.submit(score_batch, batch))
+                            batch = []
+                            while len(pending) > 1:
+                                pending.pop(0).result()
+                    if batch:
+                        pending.append(scorer.submit(score_batch, batch))
+                    for f in pending:
+                        f.result()
+                rows = [records[it.utt] for it in items]
+                summary = _summarize_system(system, rows, summarize, ce_by_system.get(system.name))
+                log(f"{system.name}: WER {summary['wer']:.3f}" + (f", SIM {summary['sim']:.3f}" if summary["sim"] is not None else "")
+                    + (f", CE {summary['ce']:.3f}" if summary.get("ce") is not None else ""))
+                summaries.append(summary)
+
+        ce_points = [(s["ce"], s["wer"]) for s in summaries if s.get("ce") is not None and s["wer"] is not None]
+        result = {
+            "list": lst.name, "utterances": len(items), "seed": seed, "asr": asr_info, "normalizer": norm_name,
+            "sim_model": sim_info, "data": str(data) if data is not None else None,
+            "wer_definition": "wer = mean of per-utterance WER (Seed-TTS-eval); wer_corpus = all errors / all reference words",
+            "unintelligible_above_wer": UNINTELLIGIBLE_WER,
+            "systems": summaries,
+            "pearson_ce_wer": pearson([c for c, _ in ce_points], [w for _, w in ce_points]),
+            "files": {"utterances": str(records_path), "summary": str(out / SUMMARY_FILE)},
+        }
+        from mamtra_cli.evaluation.plots import plot_ce_vs_wer, plot_wer_sim
+
+        result["files"]["wer_sim_png"] = str(plot_wer_sim(result, out / "wer_sim.png"))
+        if len(ce_points) >= 2:
+            result["files"]["ce_vs_wer_png"] = str(plot_ce_vs_wer(result, out / "ce_vs_wer.png"))
+        write_json_atomic(out / SUMMARY_FILE, result)
+    return result
+
+
+def _summarize_system(system: System, rows: list[dict], summarize, ce: float | None) -> dict:
+    from mamtra_cli.evaluation.wer import WordErrors
+
+    errs = [WordErrors(r["substitutions"], r["deletions"], r["insertions"], r["ref_words"], 0) for r in rows]
+    s = summarize(errs)
+    sims = [r["sim"] for r in rows if r.get("sim") is not None]
+    audio = sum(r.get("audio_seconds") or 0.0 for r in rows)
+    synth = [r.get("synth_seconds") for r in rows if r.get("synth_seconds") is not None]
+    return {
+        "name": system.name, "kind": system.kind, "source": system.source, "fingerprint": system.fingerprint,
+        "wer": s["wer"], "wer_corpus": s["wer_corpus"], "sim": float(np.mean(sims)) if sims else None,
+        "ce": ce, "utterances": s["utterances"], "ref_words": s["ref_words"], "errors": s["errors"],
+        "substitutions": s["substitutions"], "deletions": s["deletions"], "insertions": s["insertions"],
+        "audio_seconds": round(audio, 3),
+        "rtf": round(sum(synth) / audio, 4) if synth and audio else None,
+        "unintelligible": s["wer"] is not None and s["wer"] > UNINTELLIGIBLE_WER,
+    }
+
+
+def _producer(system: System, lst: EvalList, wav_dir: Path, seed: int):
+    """A function (row index, row) → record fields of the row's audio for one system ("wav": its file,
+    "audio_seconds", "seed", "synth_seconds"); audio made here is written to wav_dir/UTT.wav first."""
+    from mamtra_cli.synthesis.wavfile import WavWriter
+
+    def save(it: ListItem, wav: np.ndarray, sr: int) -> str:
+        wav_dir.mkdir(parents=True, exist_ok=True)
+        path = wav_dir / f"{it.utt}.wav"
+        with WavWriter(path, sr, force=True) as w:  # a wav of an unfinished earlier run is replaced
+            w.write(wav)
+        return str(path)
+
+    if system.kind == "wavs":
+        folder = Path(system.source)
+
+        def from_wavs(i: int, it: ListItem):
+            path = folder / f"{it.utt}.wav"
+            if not path.is_file():
+                raise UserError(f"--wavs {folder} has no {it.utt}.wav for row {i + 1} of {lst.name}; every row needs "
+                                "one (make them with `mamtra synth --list`).")
+            import soundfile as sf
+
+            try:
+                info = sf.info(str(path))
+            except Exception:
+                raise UserError(f"{path} is not readable audio; replace it or remove it from --wavs "
+                                f"{folder}.") from None
+            return {"wav": str(path), "audio_seconds": round(info.frames / info.samplerate, 4), "seed": None}
+        return from_wavs
+
+    if system.kind in ("ground-truth", "codec"):
+        codec = None
+        if system.kind == "codec":
+            from mamtra_cli.mini import BUILTIN_DIR
+            from mamtra_cli.mini.codec import MiniCodec
+
+            codec = MiniCodec.load(BUILTIN_DIR)
+
+        def from_truth(i: int, it: ListItem):
+            got = render_ground_truth(lst, it)
+            if got is None:
+                raise UserError(f"Row {i + 1} ({it.utt}) of {lst.name} has no ground truth; give every row a gt_wav.")
+            wav, sr = got
+            t0 = time.perf_counter()
+            if codec is not None:
+                wav = _to_asr_rate(wav, sr)
+                sr = ASR_RATE
+                mel, _, stats = codec.features(wav, sr)
+                wav = codec.decode(codec.tokens_from_features(mel), stats, seed=seed + i)
+                sr = codec.cfg.sample_rate
+            spent = time.perf_counter() - t0
+            return {"wav": save(it, wav, sr), "audio_seconds": round(wav.size / sr, 4), "seed": seed + i,
+                    "synth_seconds": round(spent, 4) if codec is not None else None}
+        return from_truth
+
+    from mamtra_cli.synthesis.loading import resolve_backend
+
+    backend = resolve_backend(system.source, system.assets, device="cpu")
+    prompts: dict[tuple[str, str | None], object] = {}
+
+    def from_model(i: int, it: ListItem):
+        t0 = time.perf_counter()
+        pkey = (str(it.ref), it.prompt_text)
+        if pkey not in prompts:
+            prompts[pkey] = backend.prepare_prompt(it.ref, it.prompt_text)
+        chunks = list(backend.synthesize(it.text, prompts[pkey], seed=seed + i))
+        wav = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        spent = time.perf_counter() - t0
+        sr = backend.sample_rate
+        return {"wav": save(it, wav, sr), "audio_seconds": round(wav.size / sr, 4), "seed": seed + i,
+                "synth_seconds": round(spent, 4)}
+    return from_model
+
+
+def _cross_entropy(systems: list[System], data: Path, log) -> dict[str, float]:
+    """Teacher-forced CE (CosyVoice's normalisation) of every model system on the token manifest `data`."""
+    from mamtra_cli.data_manifest import read_manifest
+    from mamtra_cli.scoring import score_utterances
+    from mamtra_cli.teachers import load_teacher
+
+    out = {}
+    for s in systems:
+        if s.kind != "model":
+            continue
+        lm, _ = load_teacher(s.source)
+        cfg = lm.config
+        _, utts = read_manifest(data, text_vocab=cfg.text_vocab_size, speech_vocab=cfg.speech_token_size)
+        out[s.name] = score_utterances(lm, utts, source=str(data))["ce"]
+        log(f"{s.name}: CE {out[s.name]:.4f} on {data} ({len(utts)} utterances)")
+    return out
+
+
+def format_table(result: dict) -> str:
+    """The summary as a Markdown table, with the ASR, normaliser and speaker model named under it."""
+    def f(v, digits=3):
+        return "n/a" if v is None else f"{v:.{digits}f}"
+
+    lines = ["| system | WER | WER (corpus) | SIM | CE | RTF | utterances | words |", "|---|---|---|---|---|---|---|---|"]
+    for s in result["systems"]:
+        flag = " (unintelligible)" if s["unintelligible"] else ""
+        lines.append(f"| {s['name']}{flag} | {f(s['wer'])} | {f(s['wer_corpus'])} | {f(s['sim'])} | {f(s['ce'])} | "
+                     f"{f(s['rtf'])} | {s['utterances']} | {s['ref_words']} |")
+    sim = result["sim_model"]["name"] if result["sim_model"] else "not measured"
+    lines += ["", f"list {result['list']} ({result['utterances']} rows) · ASR {result['asr']['name']} · normaliser "
+              f"{result['normalizer']} · SIM {sim}" + (f" · CE on {result['data']}" if result["data"] else ""),
+              "WER = mean of per-utterance WER (Seed-TTS-eval); WER (corpus) = all errors ÷ all reference words; "
+              f"rows above WER {result['unintelligible_above_wer']} are flagged unintelligible"]
+    if result.get("pearson_ce_wer") is not None:
+        lines.append(f"Pearson r (CE, WER) = {result['pearson_ce_wer']:.3f}")
+    for k, v in result["files"].items():
+        lines.append(f"{k}: {v}")
+    return "\n".join(lines)

