@@ -62,7 +62,7 @@ def run_manifest(stage: str, inputs: dict, parameters: dict, outputs: dict | Non
         "tool": "mamtra",
         "version": __version__,
         "created_utc": utc_now(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": " ".join([_program_name(), *sys.argv[1:]]),
         "inputs": inputs,
         "parameters": parameters,
         "outputs": outputs or {},
@@ -73,11 +73,48 @@ def run_manifest(stage: str, inputs: dict, parameters: dict, outputs: dict | Non
     return m
 
 
+def _program_name() -> str:
+    """`mamtra`, also when run as `python -m mamtra_cli[.cli]` (the demo and the profile workers start stages
+    that way; argv[0] is then a file of the package), so that the recorded command can be run again as is."""
+    name = Path(sys.argv[0]).name
+    if name in ("cli.py", "__main__.py") and Path(sys.argv[0]).parent.name == "mamtra_cli":
+        return "mamtra"
+    return name
+
+
 def write_json_atomic(path: Path, obj) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
+
+
+def rebase_recorded_paths(directory: Path, renames: list[tuple[str, str]]) -> None:
+    """Rewrite, in every JSON file under `directory` (manifest.json and other results), each string that
+    contains an `old` of `renames` [(old, new), …] with `new` in its place, in that order.
+
+    For a tree whose stages ran inside a temporary directory that is then renamed to its final name (the
+    demo runs every stage inside its staged output): their manifests recorded the temporary paths (in the
+    command line, in resolved input paths), which would name a directory that no longer exists."""
+    def fix(value):
+        if isinstance(value, str):
+            for old, new in renames:
+                value = value.replace(old, new)
+            return value
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        if isinstance(value, dict):
+            return {fix(k): fix(v) for k, v in value.items()}
+        return value
+
+    for path in sorted(Path(directory).rglob("*.json")):
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # not one of ours: leave it as it is
+        fixed = fix(obj)
+        if fixed != obj:
+            write_json_atomic(path, fixed)
 
 
 def check_output_dir(out: Path, force: bool) -> None:
@@ -288,11 +325,13 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     os.unlink(src)
 
 
-def load_foreign_checkpoint(path: Path, fix: str):
-    """`torch.load` a checkpoint we did not write (CosyVoice's llm.pt, flow.pt, hift.pt): weights_only=True
-    (no code runs from the pickle) and memory-mapped, falling back to a plain read for the legacy non-zip
-    format, which cannot be mapped. Any failure is one UserError sentence ending in `fix`."""
+def load_foreign_checkpoint(path: Path, fix: str, mmap: bool = True):
+    """`torch.load` a checkpoint we did not write (CosyVoice's llm.pt, flow.pt, hift.pt) or a pickle of our own
+    that must hold plain tensors only (distill's trainer_state.pt): weights_only=True (no code runs from the
+    pickle) and, by default, memory-mapped, falling back to a plain read for the legacy non-zip format, which
+    cannot be mapped. Any failure is one UserError sentence ending in `fix`."""
     import pickle
+    import re
 
     import torch
 
@@ -301,21 +340,60 @@ def load_foreign_checkpoint(path: Path, fix: str):
         raise UserError(f"Checkpoint {path} does not exist or is not a file; {fix}.")
     try:
         try:
-            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
         except RuntimeError as e:
-            if "mmap" not in str(e):
+            if not mmap or "mmap" not in str(e):
                 raise
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):  # a real pickle that would run or build foreign objects
-            culprit = str(e).split("Unsupported global:", 1)[-1].strip().splitlines()[0][:120]
-            raise UserError(f"{path} holds more than plain tensors ({culprit}), so it is not loaded "
-                            f"(weights_only=True); {fix}.") from None
-        raise UserError(f"Cannot read {path} as a PyTorch checkpoint (not a valid pickle); {fix}.") from None
+        text = str(e)
+        # torch's wording changes between versions ("Unsupported global: GLOBAL x.y" up to 2.5, "Weights only
+        # load failed … Trying to load unsupported GLOBAL x.y whose module x is blocked" since): recognise the
+        # refusal by either phrase, and name the offending global when the message has one.
+        # A pickle naming a global (a function or class to import and call) is one that would run code; other
+        # refusals ("Unsupported operand 23") mean bytes that are no pickle at all: a damaged file.
+        found = re.search(r"GLOBAL\s+([\w.]+)", text)
+        if found or "unsupported global" in text.lower():
+            culprit = f" (it asks for {found.group(1)})" if found else ""
+            raise UserError(f"{path} holds more than plain tensors: it is an unsafe pickle with Python code or "
+                            f"objects{culprit} that a weights-only load refuses, because loading them could run code "
+                            "on this machine; use the original checkpoint file, or re-save only the weights "
+                            f"(torch.save(model.state_dict(), ...)) from a copy you trust — {fix}.") from None
+        raise UserError(f"Cannot read {path} as a PyTorch checkpoint (the file is damaged or is not a PyTorch "
+                        f"checkpoint); {fix}.") from None
     except Exception as e:  # noqa: BLE001 - zip, EOF, format errors: all mean "not a usable checkpoint"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0].rstrip(".")
         raise UserError(f"Cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {first[:200]}); "
                         f"{fix}.") from None
+
+
+def load_weights_file(path: Path, fix: str, device="cpu") -> dict:
+    """The tensors of one of our safetensors files, copied out of the memory map (so that rewriting the file
+    later cannot SIGBUS the model using them). A missing, truncated or garbled file is one UserError sentence
+    naming it and ending in `fix`, never a SafetensorError traceback."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Weights file {path} does not exist; {fix}.")
+    try:
+        return {k: v.clone() for k, v in load_file(str(path), device=str(device)).items()}
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, header JSON errors: all "damaged"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"Cannot read weights {path} ({first}); the file is damaged or truncated — {fix}.") from None
+
+
+def check_finite_weights(model, what: str, fix: str = "use an earlier checkpoint or re-create the model") -> None:
+    """Refuse a model with a NaN or infinite parameter or buffer: it would score NaN, speak noise or train to
+    NaN without any error. `what` names the model for the one-sentence UserError ("Model DIR"), `fix` ends it."""
+    import torch
+
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise UserError(f"{what} has {bad} non-finite value(s) (NaN or inf) in {name}; its weights are "
+                                f"damaged or diverged — {fix}.")
 
 
 def save_model_dir(directory: Path, config, state_dict: dict, manifest: dict) -> None:

@@ -567,28 +567,49 @@ class Distiller:
             for old in complete_checkpoints(self.partial)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
 
+    # A resume reads files a killed or interrupted run left behind, so every one of them goes through a
+    # checked loader: a damaged file is one UserError sentence naming it (and what to do), never a traceback.
+    def _resume_fix(self, ckpt: Path) -> str:
+        return (f"delete {ckpt} to resume from the checkpoint before it, or start again without --resume "
+                "(with --force)")
+
     def _load_weights(self, ckpt: Path) -> None:
-        from safetensors.torch import load_file
+        from mamtra_cli.checkpoints import WEIGHTS_FILE, check_finite_weights, load_weights_file, state_dict_problems
 
-        from mamtra_cli.checkpoints import WEIGHTS_FILE
-
-        state = load_file(str(Path(ckpt) / WEIGHTS_FILE), device=str(self.device))
+        path = Path(ckpt) / WEIGHTS_FILE
+        state = load_weights_file(path, self._resume_fix(ckpt), device=self.device)
+        problems = state_dict_problems(self.student.state_dict(), state)
+        if problems:
+            raise UserError(f"Checkpoint weights {path} do not fit the student ({problems}); "
+                            f"{self._resume_fix(ckpt)}.")
         self.student.load_state_dict(state, strict=True)
+        check_finite_weights(self.student, f"Checkpoint weights {path}", self._resume_fix(ckpt))
 
     def _load_trainer_state(self, ckpt: Path) -> None:
+        from mamtra_cli.checkpoints import load_foreign_checkpoint
+
+        path = Path(ckpt) / TRAINER_STATE_FILE
+        # Not memory-mapped: AdamW keeps updating these tensors in place for the rest of the run.
         # CPU: RNG states must stay CPU tensors; the optimizer moves its state to the parameters itself.
-        state = torch.load(Path(ckpt) / TRAINER_STATE_FILE, weights_only=True, map_location="cpu")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.position = (int(state["position"]["epoch"]), int(state["position"]["step_in_epoch"]))
-        rng = state["rng"]
-        if len(rng) == self.env.world:
-            _set_rng_state(rng[self.env.rank])
+        state = load_foreign_checkpoint(path, self._resume_fix(ckpt), mmap=False)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            step = int(state["step"])
+            position = (int(state["position"]["epoch"]), int(state["position"]["step_in_epoch"]))
+            rng = state["rng"]
+            if len(rng) == self.env.world:
+                _set_rng_state(rng[self.env.rank])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise UserError(f"Trainer state {path} is damaged or from another run ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160] if str(e) else 'missing field'}); "
+                            f"{self._resume_fix(ckpt)}.") from None
+        self.step, self.position = step, position
         if self.env.is_main and self.metrics_path.exists():
             # Drop metric rows written after the checkpoint (the killed try went further than it saved).
-            rows = [ln for ln in self.metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-            self.metrics_path.write_text("".join(r + "\n" for r in rows))
+            rows = [r for r in read_metric_rows(self.metrics_path) if r.get("step", 0) <= self.step]
+            tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            os.replace(tmp, self.metrics_path)  # never a half-rewritten metrics file
 
 
 def check_pair(teacher: SpeechLM, student: SpeechLM, teacher_name: str, student_name: str) -> None:
@@ -603,13 +624,40 @@ def check_pair(teacher: SpeechLM, student: SpeechLM, teacher_name: str, student_
 
 
 # ----------------------------------------------------------------------------------------------- plots
+def read_metric_rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl, checked: a garbled line is one UserError naming the file and the line.
+
+    One exception: a last line cut short without its newline is what a run killed while appending leaves;
+    the row it was writing is later than any finished checkpoint, so it is dropped rather than refused."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"Cannot read the metrics file {path} ({getattr(e, 'strerror', None) or e}); restore it "
+                        "or start the run again.") from None
+    lines = text.split("\n")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            if i == len(lines):  # no newline after it: the torn last write of a killed run
+                break
+            raise UserError(f"Line {i} of the metrics file {path} is not a JSON object (the file is damaged); "
+                            "remove that line or start the run again.") from None
+        rows.append(row)
+    return rows
+
+
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     """metrics.jsonl → (train rows, val rows)."""
     train, val = [], []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            (val if row.get("kind") == "val" else train).append(row)
+    for row in read_metric_rows(path):
+        (val if row.get("kind") == "val" else train).append(row)
     return train, val
 
 

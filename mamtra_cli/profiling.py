@@ -151,6 +151,38 @@ def resolve_specs(models: list[str] | None, arch: str | None, ratios: str | None
     return specs
 
 
+def model_label(layer_types: list[str]) -> str:
+    """What a model is, for legends and tables: "teacher (12 attention)", "hybrid 1:1 (6A+6M)",
+    "hybrid (5A+7M)" when the counts make no 1:k ratio, "all Mamba (12M)". A file or directory name says
+    nothing about the model (`hybrid.bundle`, `step-000060`), the layout does."""
+    n_a = sum(1 for t in layer_types if t == ATTENTION)
+    n_m = len(layer_types) - n_a
+    if n_m == 0:
+        return f"teacher ({n_a} attention)"
+    if n_a == 0:
+        return f"all Mamba ({n_m}M)"
+    ratio = f" 1:{n_m // n_a}" if n_m % n_a == 0 else ""
+    return f"hybrid{ratio} ({n_a}A+{n_m}M)"
+
+
+def legend_labels(specs: list[ModelSpec]) -> dict[str, str]:
+    """{spec name: legend label}: the model's `model_label`, with its name added only where two models of
+    one run share a layout (a hybrid before and after distillation), so that every line stays distinct."""
+    labels = {s.name: model_label(s.config.layer_types) for s in specs}
+    counts: dict[str, int] = {}
+    for label in labels.values():
+        counts[label] = counts.get(label, 0) + 1
+    return {name: (f"{label}: {name}" if counts[label] > 1 else label) for name, label in labels.items()}
+
+
+def apply_profile_threads(threads: int | None, specs: list[ModelSpec]) -> int:
+    """--threads of a profile stage (the CLI's rule, `mamtra_cli.cli.apply_threads`) for the largest model
+    profiled, counted on the meta device (no weights are built for this)."""
+    from mamtra_cli.cli import apply_threads
+
+    return apply_threads(threads, max((weight_bytes(s.config, 1)["parameters"] for s in specs), default=None))
+
+
 def text_embedding_note(specs: list[ModelSpec]) -> str | None:
     shrunk = [s for s in specs if s.text_rows is not None and s.text_rows < s.config.text_vocab_size]
     if not shrunk:

@@ -7,7 +7,8 @@ The defaults are the recipe that made the shipped voice: 20,000 training sentenc
 codebook and decoder) fitted on the first 3,000 of them and used to tokenise all; a 12-layer teacher (hidden
 128, batch 32, AdamW weight decay 0.05, betas (0.9, 0.98), clip 1.0, 15 % of its input speech tokens replaced
 by random codes) trained in two cosine cycles, 26.5 minutes at peak lr 2.5e-3 then a warm restart from the
-best checkpoint for 90 minutes at 1.5e-3, on 2 threads, validated every 150 steps on the first 100 training
+best checkpoint for 90 minutes at 1.5e-3, on 2 threads (`--threads 2`; the default, 0, picks 1 thread for a
+model this small, which a loaded machine runs faster), validated every 150 steps on the first 100 training
 utterances.
 
 Phases, each cached in --work (a phase whose marker records the same parameters is reused, so an
@@ -295,8 +296,10 @@ def build_mini(
                                              "replaced by a random code (the targets stay clean)."),
     render_jobs: int = typer.Option(2, "--render-jobs", help="espeak-ng processes rendering the corpus in "
                                     "parallel; the output does not depend on it."),
-    threads: int = typer.Option(2, help="CPU threads for torch (pass 1 to each of two `--phase` runs that "
-                                "share a 2-core box). Minute budgets make the teacher's steps depend on it."),
+    threads: int = typer.Option(0, help="CPU threads for torch (0: automatic — 1 for the mini's small teacher, "
+                                "see `mamtra synth --help`; the shipped voice was built with 2, pass --threads 2 to "
+                                "reproduce its minute budgets exactly). Minute budgets make the teacher's steps "
+                                "depend on it."),
     seed: int = typer.Option(0, help="Seed of the sentences, k-means, decoder and teacher."),
     phase: str = typer.Option("all", help="all | codec | teacher. `codec` stops after the decoder and "
                               "`teacher` skips it, so two processes can share a 2-core box; a final `all` "
@@ -344,7 +347,13 @@ def build_mini(
         decoder_steps, batch_size, hidden = min(decoder_steps, 20), 8, 64
     if phase == "all":
         checkpoints.check_output_dir(out, force)
-    torch.set_num_threads(threads)
+    from mamtra_cli.cli import apply_threads
+
+    with torch.device("meta"):  # only counted, to choose the thread count (the rule of `apply_threads`)
+        n_params = sum(p.numel() for p in SpeechLM(mini_model_config(
+            CharTokenizer().vocab_size, codebook, hidden=hidden, heads=hidden // 32)).parameters())
+    threads = apply_threads(threads, n_params)
+    _log(f"{threads} CPU thread(s)")
     t0 = time.time()
     timings = {}
     reused = []  # phases taken from --work instead of being run now (their times are then not this run's)

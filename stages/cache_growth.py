@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import typer
 
+from mamtra_cli.cli import THREADS_HELP
+
 
 class CacheAccountingError(RuntimeError):
     """The cache a real run produced does not have the size the architecture implies: a bug, not bad input."""
@@ -45,7 +47,7 @@ def cache_growth(
     chunk: int = typer.Option(512, "--chunk", min=1, help="Prefill chunk length (tokens) with --fill prefill."),
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for cache_growth.csv, cache_growth.json and cache_growth.png."),
     seed: int = typer.Option(0, "--seed", help="Seed of random weights and inputs."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     force: bool = typer.Option(False, "--force", help="Replace this profile's existing result files in --out."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
@@ -64,23 +66,21 @@ def cache_growth(
     import json
 
     import torch
-    from rich.console import Console
 
     from mamtra_cli import profiling as P
-    from mamtra_cli.cli import check_threads
+    from mamtra_cli.cli import check_threads, stderr_console
     from mamtra_cli.errors import UserError
     from mamtra_cli.models.cache import analytic_cache_bytes
 
-    console = Console(stderr=True)
+    console = stderr_console()
     check_threads(threads)
     P.check_results_out(out, "cache_growth", force)  # before minutes of measuring, not after
-    if threads:
-        torch.set_num_threads(threads)
     torch_dtype = P.parse_dtype(dtype)
     if fill not in ("prefill", "synthetic"):
         raise UserError(f"Unknown --fill {fill!r}; use prefill or synthetic.")
     wanted = sorted(set(P.parse_int_list(lengths, "--lengths")))
     specs = P.resolve_specs(model, arch, ratio, seed)
+    n_threads = P.apply_profile_threads(threads, specs)
     bpe = torch.tensor([], dtype=torch_dtype).element_size()
     teacher = next((s for s in specs if all(t == "attention" for t in s.config.layer_types)), None)
 
@@ -144,15 +144,17 @@ def cache_growth(
         "models": [{"name": s.name, "layout": s.layout, "source": s.source,
                     "attention_layers": len(s.config.attention_layers), "mamba_layers": len(s.config.mamba_layers),
                     "rows": [measured[s.name][n] for n in wanted]} for s in specs],
-        "crossover": cross_out, "notes": notes,
+        "crossover": cross_out, "notes": notes, "threads": n_threads,
     }
     if out is not None:
+        labels = P.legend_labels(specs)
         rows = [{"model": s.name, "layout": s.layout, "tokens": n, "cache_mb": measured[s.name][n]["mb"],
                  "cache_bytes": measured[s.name][n]["measured_bytes"],
                  "analytic_bytes": measured[s.name][n]["analytic_bytes"]} for s in specs for n in wanted]
         P.write_results(out, "cache_growth", rows, result,
                         lambda png: P.plot_lines(png,
-                                 {s.name: (wanted, [measured[s.name][n]["mb"] for n in wanted]) for s in specs},
+                                 {labels[s.name]: (wanted, [measured[s.name][n]["mb"] for n in wanted])
+                                  for s in specs},
                                  "sequence length (tokens)", f"decode cache (MB, {dtype}, batch {batch})",
                                  "Cache growth: teacher vs hybrids", note="; ".join(notes)), force=force)
     if json_out:

@@ -38,18 +38,36 @@ HELLO = "Hello, how are you doing today?"
 CACHE_LENGTHS = (128, 512, 1024, 2048)
 
 
-def _run(args: list[str], console, commands: list[str], rename: tuple[str, str]) -> dict:
+def _run(args: list[str], console, commands: list[str], rename: list[tuple[str, str]], env: dict) -> dict:
     """One stage in a fresh process (`python -m mamtra_cli.cli ARGS --json`): its progress goes to our stderr,
-    its one JSON object comes back. A failing stage stops the demo with its own error message above ours."""
+    its one JSON object comes back. A failing stage stops the demo with its own error message above ours.
+
+    The stage works inside the demo's temporary directory; every line it prints is relayed with that
+    directory's name replaced by the final --out (`rename`), so no message names a path that will not exist."""
+    import threading
+
     from mamtra_cli.errors import UserError
 
-    shown = "mamtra " + shlex.join(args).replace(*rename)
-    console.print(f"[bold cyan]$ {shown}[/bold cyan]", highlight=False)
+    def final(text: str) -> str:
+        for old, new in rename:
+            text = text.replace(old, new)
+        return text
+
+    shown = "mamtra " + final(shlex.join(args))
+    console.print(f"$ {shown}", style="bold cyan", markup=False, highlight=False)
     commands.append(shown)
-    proc = subprocess.run([sys.executable, "-m", "mamtra_cli.cli", *args], stdout=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
+    proc = subprocess.Popen([sys.executable, "-m", "mamtra_cli.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    stdout: list[str] = []
+    reader = threading.Thread(target=lambda: stdout.append(proc.stdout.read()), daemon=True)
+    reader.start()  # read stdout meanwhile: a child blocked on a full stdout pipe would never end its stderr
+    for line in proc.stderr:
+        sys.stderr.write(final(line))
+        sys.stderr.flush()
+    reader.join()
+    if proc.wait() != 0:
         raise UserError(f"The demo step `{shown}` failed (exit {proc.returncode}); its message is above.")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    lines = [line for line in "".join(stdout).splitlines() if line.startswith("{")]
     if not lines:
         raise UserError(f"The demo step `{shown}` printed no JSON result; run it by hand to see why.")
     return json.loads(lines[-1])
@@ -76,48 +94,60 @@ def demo(
                               "Mamba layers), as `mamtra distill --train`."),
     wer_sentences: int = typer.Option(20, "--wer-sentences", min=0, help="Rows of the held-out list mini-heldout "
                                       "each model speaks for the WER and SIM columns (0 = none, 120 = all)."),
-    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads per stage (0: torch's default)."),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads per stage (0: 1, which the demo's small "
+                                "models run fastest with, above all on a busy machine)."),
     seed: int = typer.Option(0, "--seed", help="Seed of transfer, distillation and sampling."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
     """Transfer → distill → export → synth → profile cache-growth on the built-in mini voice; ends with a
     teacher-vs-hybrid table (CE, WER, cache bytes) and the wav and PNG paths."""
-    from rich.console import Console
+    import os
 
     from mamtra_cli import checkpoints
+    from mamtra_cli.cli import stderr_console
     from mamtra_cli.errors import UserError
     from mamtra_cli.mini import BUILTIN_DIR
 
-    console = Console(stderr=True)
+    console = stderr_console()
     if not checkpoints.is_model_dir(BUILTIN_DIR) or not (BUILTIN_DIR / "demo_distill.jsonl").is_file():
         raise UserError("This installation has no built-in mini voice (mamtra_cli/builtin/mini/); reinstall "
                         "MamTra, or build one with `mamtra build-mini`.")
     checkpoints.check_output_dir(out, force)
     t_start = time.time()
     distill_data, test_data = BUILTIN_DIR / "demo_distill.jsonl", BUILTIN_DIR / "demo_test.jsonl"
-    common = ["--threads", str(threads)] if threads else []
+    # Every model of the demo is small (the mini voice, 2.5 M parameters), so every stage gets one thread
+    # unless told otherwise (the rule of `mamtra_cli.cli.default_threads`; measured on a loaded 2-core box:
+    # 171 s against 42.5 min with torch's default). --threads on the command line, and the OpenMP/MKL
+    # variables for anything a stage runs that does not take --threads (onnxruntime, CTranslate2, numpy).
+    n_threads = threads or 1
+    common = ["--threads", str(n_threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(n_threads), "MKL_NUM_THREADS": str(n_threads),
+           "OPENBLAS_NUM_THREADS": str(n_threads)}
     commands: list[str] = []
     seconds: dict[str, float] = {}
 
     with checkpoints.staged_output(out, force) as tmp:
-        rename = (str(tmp), str(out))  # commands are shown with the final paths
+        # Commands and messages are shown with the final paths (the absolute form first: the relative one is
+        # part of it).
+        rename = [(str(tmp.resolve()), str(out.resolve())), (str(tmp), str(out))]
         hybrid, distilled, bundle = tmp / "hybrid", tmp / "hybrid-distilled", tmp / "hybrid.bundle"
 
         def step(name: str, args: list[str]) -> dict:
             t = time.time()
-            result = _run(args, console, commands, rename)
+            result = _run(args, console, commands, rename, env)
             seconds[name] = seconds.get(name, 0.0) + round(time.time() - t, 1)
             return result
 
         tr = step("transfer", ["transfer", "--teacher", "mini", "--ratio", ratio, "--out", str(hybrid),
-                               "--seed", str(seed), "--json"])
+                               "--seed", str(seed), "--json", *common])
         dist = step("distill", ["distill", "--teacher", "mini", "--student", str(hybrid), "--data",
                                 str(distill_data), "--val", str(test_data), "--out", str(distilled),
                                 "--max-steps", str(steps), "--lr", str(lr), "--warmup", str(max(1, steps // 10)),
                                 "--train", train, "--batch-tokens", "4096", "--device", "cpu",
                                 "--save-every", "0", "--eval-every", "0", "--seed", str(seed), "--json", *common])
-        step("export", ["export", "--model", str(distilled), "--assets", "mini", "--out", str(bundle), "--json"])
+        step("export", ["export", "--model", str(distilled), "--assets", "mini", "--out", str(bundle), "--json",
+                        *common])
         ce = {key: step("score", ["score", "--model", model, "--data", str(test_data), "--json", *common])
               for key, model in (("teacher", "mini"), ("transferred", str(hybrid)), ("hybrid", str(bundle)))}
         hello = {key: step("synth", ["synth", HELLO, *model, "--out", str(tmp / f"hello_{key}.wav"),
@@ -172,11 +202,14 @@ def demo(
                       **({"eval_summary": str(out / "eval" / "summary.json"),
                           "eval_png": str(out / "eval" / "wer_sim.png")} if ev is not None else {})},
             "parameters": {"ratio": ratio, "steps": steps, "lr": lr, "train": train, "seed": seed,
-                           "threads": threads, "transfer_parameters": tr.get("parameters", {}).get("total")},
+                           "threads": n_threads, "transfer_parameters": tr.get("parameters", {}).get("total")},
             "commands": commands,
             "seconds": {**seconds, "total": round(time.time() - t_start, 1)},
         }
         checkpoints.write_json_atomic(tmp / "demo.json", summary)
+        # The stages recorded the temporary directory they worked in (their command lines, resolved input
+        # paths); the whole tree is about to become --out, so record that instead.
+        checkpoints.rebase_recorded_paths(tmp, rename)
 
     if json_out:
         print(json.dumps(summary))

@@ -15,6 +15,10 @@ from typing import Optional
 
 import typer
 
+from mamtra_cli.cli import THREADS_HELP
+
+LOG_EVERY_S = 30.0  # without a terminal (a log file, CI): one progress line at most this often
+
 
 def distill(
     teacher: str = typer.Option(..., "--teacher", help="Teacher: CosyVoice 2 model dir or MamTra model dir."),
@@ -44,7 +48,7 @@ def distill(
     eval_every: int = typer.Option(500, "--eval-every", min=0, help="Validation CE every N steps (0 = only at start and end)."),
     keep_checkpoints: int = typer.Option(0, "--keep-checkpoints", min=0, help="Keep only the newest N checkpoints (0 = all)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in OUT.partial/."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     force: bool = typer.Option(False, "--force", help="Replace OUT (and discard OUT.partial/ unless --resume)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object with the final metrics."),
 ) -> None:
@@ -55,9 +59,8 @@ def distill(
     import json
     import shutil
     import sys
+    import time
 
-    import torch
-    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from mamtra_cli import checkpoints
@@ -68,13 +71,11 @@ def distill(
     from mamtra_cli.scoring import check_utterance_lengths
     from mamtra_cli.teachers import load_teacher
 
-    from mamtra_cli.cli import check_threads
+    from mamtra_cli.cli import apply_threads, check_threads, count_parameters, stderr_console
 
     env = kd.dist_env_from_environ()
-    console = Console(stderr=True, quiet=not env.is_main)
+    console = stderr_console(quiet=not env.is_main)
     check_threads(threads)
-    if threads:
-        torch.set_num_threads(threads)
 
     # ---- parse and check everything before writing anything
     try:
@@ -116,6 +117,8 @@ def distill(
     with console.status("loading teacher and student"):
         teacher_lm, teacher_info = load_teacher(teacher)
         student_lm = load_model_dir(student)
+    checkpoints.check_finite_weights(student_lm, f"Student {student}")
+    n_threads = apply_threads(threads, count_parameters(teacher_lm, student_lm))
     kd.check_pair(teacher_lm, student_lm, str(teacher), str(student))
     scfg = student_lm.config
     train_header, train_utts = read_manifest(data, text_vocab=scfg.text_vocab_size,
@@ -146,10 +149,19 @@ def distill(
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                       console=console, disable=not env.is_main) as bar:
             task = bar.add_task("distill", total=None, info="")
+            # Without a terminal the bar is never redrawn, so a log would show nothing for the whole run:
+            # print a plain line for the first step, then at most every LOG_EVERY_S seconds, and the last.
+            log_lines = env.is_main and not console.is_terminal
+            last_line = [0.0]
 
             def progress(step, total, m):
-                bar.update(task, completed=step, total=total,
-                           info=f"loss {m['loss']:.4f} kl {m['kl']:.4f} ce {m['ce']:.4f} lr {m['lr']:.2e}")
+                info = f"loss {m['loss']:.4f} kl {m['kl']:.4f} ce {m['ce']:.4f} lr {m['lr']:.2e}"
+                bar.update(task, completed=step, total=total, info=info)
+                now = time.monotonic()
+                if log_lines and (last_line[0] == 0.0 or step >= total or now - last_line[0] >= LOG_EVERY_S):
+                    last_line[0] = now
+                    console.print(f"distill: step {step}/{total} · {info} · {m['tokens_per_s']:.0f} tokens/s",
+                                  markup=False, highlight=False)
 
             trainer = kd.Distiller(cfg, teacher_lm, student_lm, train_utts, val_utts, partial, env, dev,
                                    progress=progress)
@@ -175,20 +187,21 @@ def distill(
                 "distill", inputs=inputs, parameters=cfg.to_dict(), seed=seed, metrics=metrics,
                 outputs={"metrics": kd.METRICS_FILE, "plot": kd.PLOT_FILE, "checkpoints": "checkpoints/",
                          "trainable": trainer.trainable[:50], "num_trainable_tensors": len(trainer.trainable)},
-                world_size=env.world, resumed_from=None if resume_from is None else str(resume_from))
+                world_size=env.world, threads=n_threads,
+                resumed_from=None if resume_from is None else str(resume_from))
             with checkpoints.staged_output(out, force) as tmp:
                 _link_tree(partial / "checkpoints", tmp / "checkpoints")
                 shutil.copy2(partial / kd.METRICS_FILE, tmp / kd.METRICS_FILE)
                 kd.plot_loss_curve(tmp / kd.METRICS_FILE, tmp / kd.PLOT_FILE, title=f"distill {out.name}")
                 checkpoints.save_model_dir(tmp, student_lm.config, student_lm.state_dict(), manifest)
             shutil.rmtree(partial, ignore_errors=True)
-            console.print(f"[green]wrote[/green] {out}: {result['steps']} steps, "
-                          f"val CE {metrics['val_ce'] if metrics['val_ce'] is not None else 'n/a'}")
-            summary = {"out": str(out), **metrics}
+            val_ce = "n/a" if metrics["val_ce"] is None else f"{metrics['val_ce']:.4f}"
+            console.print(f"wrote {out}: {result['steps']} steps, val CE {val_ce}", markup=False, highlight=False)
+            summary = {"out": str(out), **metrics, "threads": n_threads}
             if json_out:
                 print(json.dumps(summary))
             else:
-                print("\n".join(f"{k}\t{v}" for k, v in summary.items()))
+                print("\n".join(f"{k}\t{f'{v:.6g}' if isinstance(v, float) else v}" for k, v in summary.items()))
         kd.barrier(env)
     finally:
         kd.teardown_distributed(env)

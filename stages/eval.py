@@ -34,7 +34,8 @@ def eval_(
     asr: str = typer.Option("auto", "--asr", help="whisper (offline tiny.en), whisper:DIR (a local CTranslate2 "
                             "Whisper, e.g. large-v3), pocketsphinx, or auto (whisper if installed)."),
     sim: str = typer.Option("auto", "--sim", help="Speaker model for SIM: ge2e, PATH.onnx (campplus or alike), a "
-                            "CosyVoice 2 dir (its campplus.onnx), none, or auto (ge2e if installed)."),
+                            "CosyVoice 2 dir (its campplus.onnx), none, or auto (the campplus.onnx of --assets or of a model "
+                            "dir when there is one, else ge2e)."),
     normalizer: Optional[str] = typer.Option(None, "--normalizer", help="Text normaliser for WER: whisper or basic "
                                              "(default: whisper with Whisper, basic with pocketsphinx)."),
     data: Optional[str] = typer.Option(None, "--data", help="Token manifest for CE of every model (mini-heldout: "
@@ -42,6 +43,8 @@ def eval_(
     out: Path = typer.Option(..., "--out", help="Output folder (reused on a rerun: finished utterances are kept)."),
     limit: int = typer.Option(0, "--limit", min=0, help="Only the first N rows of the list (0 = all)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed: row i is spoken with seed + i."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Cap on speech tokens per sentence "
+                                             "(default: the model's own limit, as `mamtra synth`)."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Utterances per Whisper call (on a CPU one is "
                                    "fastest: batching pays off on a GPU)."),
     threads: int = typer.Option(1, "--threads", help="CPU threads for synthesis and for the ASR each (they run "
@@ -80,7 +83,9 @@ def eval_(
     check_system_inputs(lst, systems, limit or None)
     with console.status("loading the recogniser and the speaker model"):
         recogniser = load_asr(asr, threads=max(1, threads), batch_size=batch_size)
-        speaker = load_speaker_model(sim, threads=max(1, threads))
+        dirs = [Path(a) for a in [assets] if a is not None and str(a) != "mini"]
+        dirs += [Path(s.source) for s in systems if s.kind == "model" and s.source != "mini"]
+        speaker = load_speaker_model(sim, threads=max(1, threads), candidates=dirs)
     n = min(limit, len(lst.items)) if limit else len(lst.items)
     sim_note = speaker.describe()["name"] if speaker else (
         "not measured (install mamtra[eval] for the GE2E encoder, or pass --sim)" if sim == "auto" else "none")
@@ -102,7 +107,7 @@ def eval_(
                 console.print(f"{name}: {done}/{total}", highlight=False)
 
         result = evaluate(lst, systems, out, recogniser, speaker, normalizer_name=normalizer, data=data_path,
-                          seed=seed, limit=limit or None, log=lambda m: console.print(m, highlight=False, markup=False),
+                          seed=seed, limit=limit or None, max_tokens=max_tokens, log=lambda m: console.print(m, highlight=False, markup=False),
                           progress=progress)
     if json_out:
         print(json.dumps(result))

@@ -15,6 +15,8 @@ from typing import Optional
 
 import typer
 
+from mamtra_cli.cli import THREADS_HELP
+
 
 def export(
     model: str = typer.Option(..., "--model", help="Speech LM: a MamTra model dir (transfer/distill output), "
@@ -26,6 +28,7 @@ def export(
     dtype: str = typer.Option("auto", "--dtype", help="LM weight dtype: bf16 | fp16 | fp32 | auto (bf16 for "
                               "CosyVoice 2 bundles; fp32 for mini-voice bundles, which run on CPUs)."),
     flow_dtype: str = typer.Option("fp32", "--flow-dtype", help="Flow weight dtype: fp32 (safe default) | bf16 | fp16."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -42,20 +45,22 @@ def export(
     import shutil
 
     import yaml
-    from rich.console import Console
     from safetensors.torch import save_file
 
     from mamtra_cli import __version__, checkpoints
+    from mamtra_cli.cli import apply_threads, check_threads, count_parameters, stderr_console
     from mamtra_cli.errors import UserError
     from mamtra_cli.synthesis import backend as B
     from mamtra_cli.synthesis.flow import load_flow
     from mamtra_cli.synthesis.hift import export_state_dict, load_hift
     from mamtra_cli.teachers import load_teacher
 
-    console = Console(stderr=True)
+    console = stderr_console()
+    check_threads(threads)
     mini_assets = _mini_assets(model, assets)
     if mini_assets is not None:
-        _export_mini(model, mini_assets, out, "fp32" if dtype == "auto" else dtype, force, json_out, console)
+        _export_mini(model, mini_assets, out, "fp32" if dtype == "auto" else dtype, force, json_out, console,
+                     threads)
         return
     dtype = "bf16" if dtype == "auto" else dtype
     lm_dtype = B.parse_dtype(dtype, "--dtype")
@@ -76,6 +81,7 @@ def export(
         lm, lm_info = load_teacher(model)
         flow = load_flow(assets / "flow.pt", yaml_path)
         hift = load_hift(assets / "hift.pt", yaml_path)
+    n_threads = apply_threads(threads, count_parameters(lm, flow, hift))
     if lm.config.speech_token_size != flow.config.vocab_size:
         raise UserError(f"The LM {model} has {lm.config.speech_token_size} speech tokens but {assets / 'flow.pt'} "
                         f"{flow.config.vocab_size}; export an LM together with the CosyVoice directory it came from.")
@@ -131,7 +137,8 @@ def export(
 
     summary = {"out": str(out), "files": len(files) + 1, "bytes": total, "lm_dtype": dtype,
                "flow_dtype": flow_dtype, "layer_types": "".join("A" if t == "attention" else "M"
-                                                                for t in lm.config.layer_types)}
+                                                                for t in lm.config.layer_types),
+               "threads": n_threads}
     console.print(f"[green]wrote[/green] {out}: {len(files) + 1} files, {total / 2**20:.1f} MiB "
                   f"(LM {dtype}, flow {flow_dtype}, HiFT fp32)")
     if json_out:
@@ -156,7 +163,8 @@ def _mini_assets(model: str, assets: Optional[Path]) -> Optional[Path]:
     return None
 
 
-def _export_mini(model: str, assets: Path, out: Path, dtype: str, force: bool, json_out: bool, console) -> None:
+def _export_mini(model: str, assets: Path, out: Path, dtype: str, force: bool, json_out: bool, console,
+                 threads: Optional[int] = None) -> None:
     """A mini bundle: the layout of mamtra_cli/builtin/mini/ (config.yaml, model.safetensors, manifest.json,
     text_vocab.json, codec.yaml, codec.safetensors, sample_voice.wav/.txt) with the given LM."""
     import json
@@ -176,6 +184,9 @@ def _export_mini(model: str, assets: Path, out: Path, dtype: str, force: bool, j
                         f"{VOCAB_FILE}); rebuild it with `mamtra build-mini`.")
     checkpoints.check_output_dir(out, force)
     lm, lm_info = load_teacher(model)
+    from mamtra_cli.cli import apply_threads, count_parameters
+
+    n_threads = apply_threads(threads, count_parameters(lm))
     if not MiniBackend.accepts_config(lm.config, assets):
         raise UserError(f"The LM {model} (text vocab {lm.config.text_vocab_size}, speech vocab "
                         f"{lm.config.speech_token_size}) was not made from the mini voice in {assets}; export it "
@@ -199,7 +210,7 @@ def _export_mini(model: str, assets: Path, out: Path, dtype: str, force: bool, j
     console.print(f"[green]wrote[/green] {out}: mini bundle, {n_files} files, {total / 2**20:.1f} MiB (LM {dtype})")
     if json_out:
         print(json.dumps({"out": str(out), "format": "mini", "files": n_files, "bytes": total, "lm_dtype": dtype,
-                          "layer_types": layers}))
+                          "layer_types": layers, "threads": n_threads}))
     else:
         print(str(out))
 

@@ -14,7 +14,9 @@ FINAL_WINDOW = 10  # final train KL = mean over the last this-many steps (one ba
 def plot_runs(
     runs: List[Path] = typer.Argument(..., help="Distill output directories (or their metrics.jsonl, or OUT.partial/)."),
     out: Path = typer.Option(..., "--out", help="Image to write (PNG; the suffix picks another format: .svg, .pdf)."),
-    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated legend labels, one per run (default: directory names)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated legend labels, one per run (default: "
+                                         "each run's model, e.g. \"hybrid 1:1 (6A+6M)\", with its directory name "
+                                         "only where two runs share a layout)."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print the table as one JSON object."),
 ) -> None:
@@ -33,7 +35,7 @@ def plot_runs(
     from mamtra_cli.distill import METRICS_FILE, read_metrics
     from mamtra_cli.errors import UserError
 
-    names = [s.strip() for s in labels.split(",")] if labels else [Path(r).name for r in runs]
+    names = [s.strip() for s in labels.split(",")] if labels else _model_labels(runs)
     if len(names) != len(runs):
         raise UserError(f"--labels has {len(names)} label(s) for {len(runs)} run(s); give one label per run.")
     if not out.parent.exists():
@@ -102,3 +104,39 @@ def plot_runs(
     for r in rows:
         print(f"{r['run']}\t{r['steps']}\t{fmt(r['initial_kl'])}\t{fmt(r['final_kl'])}\t"
               f"{fmt(r['initial_val_ce'])}\t{fmt(r['final_val_ce'])}")
+
+
+def _model_labels(runs: list[Path]) -> list[str]:
+    """Legend labels that name the model each run trained ("hybrid 1:3 (3A+9M)"), read from its config.yaml
+    (a distill output, or the newest checkpoint of an OUT.partial/); the directory name is added where two
+    runs share a layout (Fig. 6 compares inits of one layout), and used alone where no config is found."""
+    from mamtra_cli.checkpoints import CONFIG_FILE
+    from mamtra_cli.distill import complete_checkpoints
+    from mamtra_cli.errors import UserError
+    from mamtra_cli.models.config import ModelConfig
+    from mamtra_cli.profiling import model_label
+
+    found = []
+    for run in runs:
+        run = Path(run)
+        folder = run if run.is_dir() else run.parent
+        candidates = [folder / CONFIG_FILE] + [c / CONFIG_FILE for c in reversed(complete_checkpoints(folder))]
+        label = None
+        for cfg in candidates:
+            if cfg.is_file():
+                try:
+                    label = model_label(ModelConfig.load(cfg).layer_types)
+                except UserError:
+                    pass
+                break
+        found.append(label)
+    names = [Path(r).name or str(r) for r in runs]
+    out = []
+    for label, name in zip(found, names):
+        if label is None:
+            out.append(name)
+        elif found.count(label) > 1:
+            out.append(f"{label}: {name}")
+        else:
+            out.append(label)
+    return out

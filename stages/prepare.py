@@ -26,7 +26,9 @@ speakers (at least 1 when val_fraction > 0 and there are 2+ speakers, never all)
 Work happens in a sibling folder `.DIR.partial`; each shard file is written atomically, so a crash never
 leaves half a shard, and a re-run with the same inputs keeps every shard whose key (its utterances,
 their files' size and mtime, the tokenizers, the settings) still matches. When all is done the folder is
-renamed to DIR. A re-run on a finished DIR with the same inputs does nothing.
+renamed to DIR. A re-run on a finished DIR with the same inputs does nothing. A run that fails before any
+shard is finished (a front-end model that does not load, in the parent or in any --jobs worker) stops
+with one sentence and removes `.DIR.partial`, which would hold nothing worth resuming.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,6 +277,25 @@ def _worker_init(cfg: dict, set_torch_threads: bool = True) -> None:
     _STATE["parquet"] = (None, None)
 
 
+def _pool_worker_init(cfg: dict) -> None:
+    """`_worker_init` for a worker of the multiprocessing pool. It must not raise: a pool replaces a worker
+    whose initializer fails and runs the initializer again, forever (a corrupt speech tokenizer ONNX gave 136
+    tracebacks in 10 minutes and never an exit). The failure is kept instead, and the worker's first task
+    raises it (`_process_chunk`), which ends the run in the parent with that one sentence."""
+    from mamtra_cli.errors import UserError
+
+    try:
+        _worker_init(cfg)
+    except UserError as e:
+        _STATE.clear()
+        _STATE["init_error"] = str(e)
+    except Exception as e:  # noqa: BLE001 - whatever it is, it must reach the parent as one sentence
+        _STATE.clear()
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        _STATE["init_error"] = (f"A prepare worker could not load the front-end models ({type(e).__name__}: "
+                                f"{first}); check --speech-tokenizer, --campplus and --tokenizer-dir.")
+
+
 def _parquet_audio(file: str, row: int) -> bytes:
     cached_file, table = _STATE.get("parquet", (None, None))
     if cached_file != file:
@@ -339,6 +361,10 @@ def _process_item(it: Item) -> dict:
 
 
 def _process_chunk(task: tuple) -> tuple:
+    if "init_error" in _STATE:  # this worker could not start: stop the run (see _pool_worker_init)
+        from mamtra_cli.errors import UserError
+
+        raise UserError(_STATE["init_error"])
     shard_id, items = task
     out = []
     for it in items:
@@ -448,7 +474,7 @@ def prepare(
     from mamtra_cli.errors import UserError
     from mamtra_cli.frontend.text import NORMALIZATION_VERSION, TextTokenizer
 
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)  # no 80-column wrap in logs
     t_start = time.time()
 
     # ---- whole-run checks: nothing is written before these pass ----
@@ -546,64 +572,77 @@ def prepare(
                         "choose another --out or pass --force to replace it.")
 
     work = out.with_name(f".{out.name}.partial")
-    work.mkdir(exist_ok=True)
-    for split in ("train", "val"):
-        (work / split).mkdir(exist_ok=True)
-    # Keep finished shards that still match; drop anything else (stale shards, temp files).
-    done: dict[str, dict] = {}
-    wanted = set()
-    for sh in shards:
-        wanted.add((sh.split, sh.name))
-        h = _shard_done(work, sh, embeddings)
-        if h is not None:
-            done[f"{sh.split}/{sh.name}"] = h
-    for split in ("train", "val"):
-        for f in (work / split).iterdir():
-            stem = f.name.split(".")[0] if not f.name.startswith(".") else None
-            if stem is None or (split, stem) not in wanted or f"{split}/{stem}" not in done:
-                f.unlink()
-    todo = [sh for sh in shards if f"{sh.split}/{sh.name}" not in done]
+    try:
+        work.mkdir(exist_ok=True)
+        for split in ("train", "val"):
+            (work / split).mkdir(exist_ok=True)
+        # Keep finished shards that still match; drop anything else (stale shards, temp files).
+        done: dict[str, dict] = {}
+        wanted = set()
+        for sh in shards:
+            wanted.add((sh.split, sh.name))
+            h = _shard_done(work, sh, embeddings)
+            if h is not None:
+                done[f"{sh.split}/{sh.name}"] = h
+        for split in ("train", "val"):
+            for f in (work / split).iterdir():
+                stem = f.name.split(".")[0] if not f.name.startswith(".") else None
+                if stem is None or (split, stem) not in wanted or f"{split}/{stem}" not in done:
+                    f.unlink()
+        todo = [sh for sh in shards if f"{sh.split}/{sh.name}" not in done]
 
-    header_base = {"text_tokenizer": text_fp, "speech_tokenizer": speech_fp}
-    cfg = {"tokenizer_dir": str(tokenizer_dir),
-           "speech_tokenizer": str(speech_tokenizer) if needs_tokenizer else None,
-           "campplus": str(campplus) if needs_audio_for_emb else None,
-           "embeddings": bool(embeddings), "normalize_text": bool(normalize_text)}
-    n_todo = sum(len(sh.items) for sh in todo)
-    t_work = time.time()
-    _run_shards(todo, work, cfg, jobs, header_base, source, embeddings, console)
-    work_seconds = time.time() - t_work
+        header_base = {"text_tokenizer": text_fp, "speech_tokenizer": speech_fp}
+        cfg = {"tokenizer_dir": str(tokenizer_dir),
+               "speech_tokenizer": str(speech_tokenizer) if needs_tokenizer else None,
+               "campplus": str(campplus) if needs_audio_for_emb else None,
+               "embeddings": bool(embeddings), "normalize_text": bool(normalize_text)}
+        n_todo = sum(len(sh.items) for sh in todo)
+        t_work = time.time()
+        _run_shards(todo, work, cfg, jobs, header_base, source, embeddings, console)
+        work_seconds = time.time() - t_work
 
-    # ---- summary over every shard (reused ones included) ----
-    summary = _summarize(work, shards, val_spk, items)
-    summary["shards"] = {"written": len(todo), "reused": len(shards) - len(todo)}
-    summary["processed_utterances"] = n_todo
-    summary["processing_seconds"] = round(work_seconds, 3)
-    summary["utterances_per_second"] = round(n_todo / work_seconds, 2) if work_seconds > 0 and n_todo else None
-    summary["jobs"] = jobs
-    outputs = {split: sorted(f"{split}/{sh.name}.jsonl" for sh in shards if sh.split == split)
-               for split in ("train", "val")}
-    manifest = run_manifest(
-        "prepare",
-        inputs={"input": str(input.resolve()), "source": source, "text_tokenizer": text_fp,
-                "speech_tokenizer": speech_fp, "campplus": camp_fp},
-        parameters={"shard_size": shard_size, "val_fraction": val_fraction, "seed": seed,
-                    "embeddings": embeddings, "normalize_text": normalize_text, "jobs": jobs,
-                    "plan_key": plan_key},
-        outputs={**outputs, "val_speakers": sorted(val_spk)},
-        metrics={k: v for k, v in summary.items() if k not in ("shards",)},
-        seed=seed,
-        elapsed_seconds=round(time.time() - t_start, 3),
-    )
-    write_json_atomic(work / "manifest.json", manifest)
-    for split in ("train", "val"):
-        if not any((work / split).iterdir()):
-            (work / split).rmdir()
-    # Exclusive unless --force: an --out another run published meanwhile is not replaced (the work stays in
-    # OUT.partial, so a re-run with --force reuses every finished shard).
-    replace_dir(work, out, force=force)
-    summary["out"] = str(out)
-    _print_summary(summary, json_out, console)
+        # ---- summary over every shard (reused ones included) ----
+        summary = _summarize(work, shards, val_spk, items)
+        summary["shards"] = {"written": len(todo), "reused": len(shards) - len(todo)}
+        summary["processed_utterances"] = n_todo
+        summary["processing_seconds"] = round(work_seconds, 3)
+        summary["utterances_per_second"] = round(n_todo / work_seconds, 2) if work_seconds > 0 and n_todo else None
+        summary["jobs"] = jobs
+        outputs = {split: sorted(f"{split}/{sh.name}.jsonl" for sh in shards if sh.split == split)
+                   for split in ("train", "val")}
+        manifest = run_manifest(
+            "prepare",
+            inputs={"input": str(input.resolve()), "source": source, "text_tokenizer": text_fp,
+                    "speech_tokenizer": speech_fp, "campplus": camp_fp},
+            parameters={"shard_size": shard_size, "val_fraction": val_fraction, "seed": seed,
+                        "embeddings": embeddings, "normalize_text": normalize_text, "jobs": jobs,
+                        "plan_key": plan_key},
+            outputs={**outputs, "val_speakers": sorted(val_spk)},
+            metrics={k: v for k, v in summary.items() if k not in ("shards",)},
+            seed=seed,
+            elapsed_seconds=round(time.time() - t_start, 3),
+        )
+        write_json_atomic(work / "manifest.json", manifest)
+        for split in ("train", "val"):
+            if not any((work / split).iterdir()):
+                (work / split).rmdir()
+        # Exclusive unless --force: an --out another run published meanwhile is not replaced (the work stays in
+        # OUT.partial, so a re-run with --force reuses every finished shard).
+        replace_dir(work, out, force=force)
+        summary["out"] = str(out)
+        _print_summary(summary, json_out, console)
+    except BaseException:
+        # `.OUT.partial/` is the resumable state of an interrupted run: worth keeping only when it holds a
+        # finished shard. A run that failed before finishing any (a front-end model that does not load, a bad
+        # first file, Ctrl-C in the first minutes) leaves nothing behind.
+        if work.is_dir() and not _has_finished_shard(work):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _has_finished_shard(work: Path) -> bool:
+    """True if `work` holds a shard whose .jsonl (written last, atomically) marks it finished."""
+    return any(f.is_file() for split in ("train", "val") for f in (work / split).glob("shard-*.jsonl"))
 
 
 def _attach_parquet_audio(items: list[Item], input: Path) -> list[Item]:
@@ -673,7 +712,8 @@ def _run_shards(todo: list[Shard], work: Path, cfg: dict, jobs: int, header_base
             import multiprocessing as mp
 
             ctx = mp.get_context("spawn")
-            with ctx.Pool(jobs, initializer=_worker_init, initargs=(cfg,)) as pool:
+            # Leaving the `with` (also by the UserError of a worker that could not start) terminates the pool.
+            with ctx.Pool(jobs, initializer=_pool_worker_init, initargs=(cfg,)) as pool:
                 for result in pool.imap_unordered(_process_chunk, tasks):
                     consume(result)
 

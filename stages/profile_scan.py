@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from mamtra_cli.cli import THREADS_HELP
+
 
 def profile_scan(
     lengths: str = typer.Option("256,512,1024,2048,4096", "--lengths", help="Sequence lengths (tokens)."),
@@ -17,7 +19,7 @@ def profile_scan(
     dtype: str = typer.Option("fp32", "--dtype", help="dtype of (a)'s inputs and (b)'s models: fp32 or bf16."),
     skip_sequential: bool = typer.Option(False, "--skip-sequential", help="Skip (a), the slow Python-loop scan."),
     seed: int = typer.Option(0, "--seed", help="Seed of random weights and inputs."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the tables."),
 ) -> None:
     """Two tables with ratios: chunked SSD vs sequential scan, and cached decode vs full-prefix recompute.
@@ -34,24 +36,23 @@ def profile_scan(
     import json
 
     import torch
-    from rich.console import Console
 
     from mamtra_cli import profiling as P
-    from mamtra_cli.cli import check_threads
+    from mamtra_cli.cli import check_threads, stderr_console
     from mamtra_cli.errors import UserError
     from mamtra_cli.models.bench_ssd import bench_scan
     from mamtra_cli.models.config import ATTENTION, MAMBA
     from mamtra_cli.profiling import ModelSpec
 
-    console = Console(stderr=True)
+    console = stderr_console()
     check_threads(threads)
-    if threads:
-        torch.set_num_threads(threads)
     torch_dtype = P.parse_dtype(dtype)
     lens = P.parse_int_list(lengths, "--lengths")
     if layers % 2:
         raise UserError(f"--layers {layers} is odd; the 1:1 hybrid needs an even layer count.")
 
+    # The models of (b) have the arch's real layer sizes, so the arch's full size decides the thread count.
+    n_threads = P.apply_profile_threads(threads, [ModelSpec("arch", P.arch_config(arch), f"arch:{arch}")])
     scan_rows = []
     if not skip_sequential:
         with console.status("(a) chunked vs sequential SSD scan"):
@@ -86,8 +87,8 @@ def profile_scan(
         lm = None  # free before building the next model
 
     notes = [f"(b) uses {layers} layers of {arch}'s real sizes (random weights, {dtype}), batch 1",
-             f"medians of {repeats} repeats; {torch.get_num_threads()} CPU threads"]
-    result = {"scan": scan_rows, "decode": decode_rows, "notes": notes}
+             f"medians of {repeats} repeats; {n_threads} CPU thread(s)"]
+    result = {"scan": scan_rows, "decode": decode_rows, "notes": notes, "threads": n_threads}
     if json_out:
         print(json.dumps(result))
         return

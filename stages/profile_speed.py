@@ -8,14 +8,36 @@ from typing import List, Optional
 
 import typer
 
+from mamtra_cli.cli import THREADS_HELP
+
 
 def _transformers_reference(config, dtype, contexts, batches, steps, repeats):
     """Decode ms/step of transformers' Qwen2 built from the teacher's config (random weights), as an
-    outside reference. Returns (rows, note)."""
+    outside reference. Returns (rows, note).
+
+    Optional and last: it never costs the run its own results. Each repeat decodes from a fresh copy of the
+    prefilled cache instead of cutting the cache back (`DynamicCache.crop`'s signature and even its
+    existence change between transformers versions; one such change lost every measurement of a run), and
+    any failure ends only the comparison: the rows measured before it are kept and the note says why."""
     try:
         import transformers  # noqa: F401
     except ImportError:
         return [], "transformers is not importable: the outside Qwen2 reference was skipped"
+    rows: list[dict] = []
+    try:
+        _time_transformers_qwen2(config, dtype, contexts, batches, steps, repeats, rows)
+    except Exception as e:  # noqa: BLE001 - any failure of an optional outside library ends only this part
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        done = f" after {len(rows)} of {len(contexts) * len(batches)} points" if rows else ""
+        return rows, (f"transformers {getattr(transformers, '__version__', '?')} reference failed{done} "
+                      f"({type(e).__name__}: {first}); MamTra's own results above are complete")
+    return rows, "transformers' Qwen2 (random weights, teacher config) timed as an outside reference"
+
+
+def _time_transformers_qwen2(config, dtype, contexts, batches, steps, repeats, rows: list) -> None:
+    """The measurements of `_transformers_reference`, appended to `rows` one point at a time."""
+    import copy
+
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -27,23 +49,19 @@ def _transformers_reference(config, dtype, contexts, batches, steps, repeats):
                        rope_theta=config.rope_theta, rms_norm_eps=config.rms_norm_eps, head_dim=config.head_dim,
                        tie_word_embeddings=False)
     model = Qwen2ForCausalLM(qcfg).to(dtype).eval()
-    rows = []
     with torch.inference_mode():
         for c in contexts:
             for b in batches:
-                out = model(input_ids=torch.randint(0, 100, (b, c)), use_cache=True)
-                past = out.past_key_values
+                prefilled = model(input_ids=torch.randint(0, 100, (b, c)), use_cache=True).past_key_values
                 ids = torch.randint(0, 100, (b, 1))
                 times = []
                 for _ in range(repeats):
+                    past = copy.deepcopy(prefilled)  # untimed: every repeat starts at exactly `c` tokens
                     times.append(P.time_call(lambda: [model(input_ids=ids, past_key_values=past, use_cache=True)
                                                       for _ in range(steps)]) / steps)
-                    if hasattr(past, "crop"):
-                        past.crop(c)
                 ms = P.median(times) * 1e3
                 rows.append({"model": "transformers-qwen2", "batch": b, "context": c, "decode_ms_per_step": ms,
                              "decode_tokens_per_s": b * 1e3 / ms})
-    return rows, "transformers' Qwen2 (random weights, teacher config) timed as an outside reference"
 
 
 def profile_speed(
@@ -59,7 +77,7 @@ def profile_speed(
     device: str = typer.Option("auto", "--device", help="auto (cuda if available), cuda or cpu."),
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for speed.csv, speed.json and speed.png."),
     seed: int = typer.Option(0, "--seed", help="Seed of random weights and inputs."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     force: bool = typer.Option(False, "--force", help="Replace this profile's existing result files in --out."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
@@ -78,23 +96,21 @@ def profile_speed(
     import json
 
     import torch
-    from rich.console import Console
 
     from mamtra_cli import profiling as P
-    from mamtra_cli.cli import check_threads, parse_device
+    from mamtra_cli.cli import check_threads, parse_device, stderr_console
     from mamtra_cli.models.cache import analytic_cache_bytes
 
-    console = Console(stderr=True)
+    console = stderr_console()
     check_threads(threads)
     device = parse_device(device, allow_index=False)
     P.check_results_out(out, "speed", force)  # before measuring, not after
-    if threads:
-        torch.set_num_threads(threads)
     torch_dtype = P.parse_dtype(dtype)
     bpe = torch.tensor([], dtype=torch_dtype).element_size()
     batches = P.parse_int_list(batch, "--batch")
     ctxs = P.parse_int_list(contexts, "--contexts")
     specs = P.resolve_specs(model, arch, ratio, seed)
+    n_threads = P.apply_profile_threads(threads, specs)
 
     with console.status("measuring memory bandwidth"):
         bw = P.measure_bandwidth(device=device)
@@ -146,7 +162,7 @@ def profile_speed(
 
     ref_rows, ref_note = _transformers_reference(specs[0].config, torch_dtype, ctxs, batches, decode_steps, repeats) \
         if device == "cpu" else ([], "outside reference only on CPU runs")
-    notes = [f"device {device}, {torch.get_num_threads()} threads, {dtype}; bandwidth {bw['read_gb_s']:.1f} GB/s read, "
+    notes = [f"device {device}, {n_threads} CPU thread(s), {dtype}; bandwidth {bw['read_gb_s']:.1f} GB/s read, "
              f"{bw['copy_gb_s']:.1f} GB/s copy (read+write)",
              "cache filled synthetically to each context; prefill = one chunk of "
              f"{prefill_chunk} tokens at that depth", ref_note]
@@ -155,11 +171,12 @@ def profile_speed(
     result = {"device": device, "dtype": dtype, "bandwidth": bw, "batches": batches, "contexts": ctxs,
               "decode_steps": decode_steps, "repeats": repeats, "prefill_chunk": prefill_chunk,
               "models": [{"name": s.name, "layout": s.layout, "source": s.source} for s in specs],
-              "rows": rows, "reference": ref_rows, "notes": notes}
+              "rows": rows, "reference": ref_rows, "notes": notes, "threads": n_threads}
     if out is not None:
+        labels = P.legend_labels(specs)
         P.write_results(out, "speed", [{k: v for k, v in r.items() if k != "decode_samples_ms"} for r in rows], result,
                         lambda png: P.plot_lines(png,
-                                 {f"{s.name} b={b}": (ctxs, [next(r["decode_tokens_per_s"] for r in rows if r["model"] == s.name
+                                 {f"{labels[s.name]}, batch {b}": (ctxs, [next(r["decode_tokens_per_s"] for r in rows if r["model"] == s.name
                                                                   and r["batch"] == b and r["context"] == c) for c in ctxs])
                                   for s in specs for b in batches},
                                  "context (tokens)", "decode throughput (tokens/s, all streams)",

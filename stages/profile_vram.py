@@ -10,6 +10,8 @@ from typing import List, Optional
 
 import typer
 
+from mamtra_cli.cli import THREADS_HELP
+
 TOKEN_RATE_HZ = 25  # CosyVoice 2 speech tokens per second
 CHARS_PER_TEXT_TOKEN = 4  # Qwen2 BPE on Latin-script text: ~4 characters per token
 LATIN_CHARS_PER_S = 15  # read English speech
@@ -105,7 +107,7 @@ def profile_vram(
     device: str = typer.Option("auto", "--device", help="auto (cuda if available), cuda or cpu."),
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for vram.csv, vram.json and vram.png."),
     seed: int = typer.Option(0, "--seed", help="Seed of random weights and inputs."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for the worker processes."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP + " Used by the worker processes."),
     bundle: Optional[List[Path]] = typer.Option(None, "--bundle", help="Profile end-to-end synthesis of this bundle (`mamtra export`) or mini voice dir instead of the LM alone (repeatable)."),
     text: str = typer.Option("Hello, how are you doing today? This is a longer sentence for profiling.", "--text", help="With --bundle: the text to synthesise."),
     ref: Optional[Path] = typer.Option(None, "--ref", help="With --bundle: the reference voice wav."),
@@ -137,14 +139,13 @@ def profile_vram(
     import statistics
 
     import torch
-    from rich.console import Console
 
     import profiles
     from mamtra_cli import profiling as P
-    from mamtra_cli.cli import check_threads, parse_device
+    from mamtra_cli.cli import check_threads, parse_device, stderr_console
     from mamtra_cli.errors import UserError
 
-    console = Console(stderr=True)
+    console = stderr_console()
     check_threads(threads)
     # The worker measures on the default CUDA device, hence no cuda:N.
     device = parse_device(device, allow_index=False)
@@ -175,6 +176,8 @@ def profile_vram(
                  for n in P.parse_int_list(lengths, "--lengths")]
         length_note = f"--lengths with a {prompt_tokens}-token prompt"
     specs = P.resolve_specs(model, arch, ratio, seed)
+    # Decided here, for the largest model, and handed to every worker process (each a fresh torch).
+    threads = P.apply_profile_threads(threads, specs)
     from mamtra_cli.models.cache import analytic_cache_bytes
 
     rows = []
@@ -211,12 +214,13 @@ def profile_vram(
         notes.append(n)
     result = {"gpu": card, "device": device, "dtype": dtype, "batches": batches, "cases": cases,
               "models": [{"name": s.name, "layout": s.layout, "source": s.source} for s in specs],
-              "rows": rows, "notes": notes}
+              "rows": rows, "notes": notes, "threads": threads}
     if out is not None:
+        labels = P.legend_labels(specs)
         groups = [(c["case"], b) for c in cases for b in batches]
         P.write_results(out, "vram", rows, result, lambda png: P.plot_bars(
             png, [f"{c}\nbatch {b}" for c, b in groups],
-            {s.name: [next(r["peak_mb"] for r in rows if r["model"] == s.name and r["case"] == c
+            {labels[s.name]: [next(r["peak_mb"] for r in rows if r["model"] == s.name and r["case"] == c
                            and r["batch"] == b) for c, b in groups] for s in specs},
             "length / batch", f"peak LM working memory (MB, {dtype}, weights excluded)",
             f"Synthesis-time memory ({device})", note="; ".join(notes[:2])), force=force)
@@ -240,10 +244,11 @@ def _profile_bundles(bundles, text, ref, ref_text, max_tokens, card, device, see
     from mamtra_cli import profiling as P
     from mamtra_cli.errors import UserError
     from mamtra_cli.models.config import ModelConfig
+    from mamtra_cli.synthesis.loading import uses_mini_backend
 
     if ref is None or not Path(ref).is_file():
         raise UserError("--bundle needs --ref: the reference voice wav to clone (an existing file).")
-    rows = []
+    rows, specs = [], []
     for b in bundles:
         cfg_path = next((c for c in (Path(b) / "lm" / "config.yaml", Path(b) / "config.yaml") if c.is_file()), None)
         if cfg_path is None:
@@ -252,21 +257,27 @@ def _profile_bundles(bundles, text, ref, ref_text, max_tokens, card, device, see
         spec = P.ModelSpec(name=Path(b).name, config=ModelConfig.load(cfg_path), source=str(b), path=str(b), seed=seed)
         kwargs = {"text": text, "ref": str(Path(ref).resolve()), "ref_text": ref_text, "seed": seed,
                   "max_new_tokens": max_tokens}
-        with console.status(f"{spec.name}: end-to-end synthesis on {device}"):
-            m = P.measure_peak(spec, "synth", kwargs, device=device, threads=threads)
+        specs.append(spec)
+        n_threads = P.apply_profile_threads(threads, [spec])  # per bundle: a mini voice gets 1
+        # A mini voice runs only on the CPU: it is measured there even when the other bundles use the GPU.
+        bdev = "cpu" if uses_mini_backend(str(b), None) else device
+        with console.status(f"{spec.name}: end-to-end synthesis on {bdev}"):
+            m = P.measure_peak(spec, "synth", kwargs, device=bdev, threads=n_threads)
         free = card["memory_gib"] * 2**30 - m["weights_bytes"]
         rows.append({"model": spec.name, "layout": spec.layout, "peak_bytes": m["workload_peak_bytes"],
                      "peak_mb": P.mb(m["workload_peak_bytes"]), "weights_bytes": m["weights_bytes"],
                      "baseline_bytes": m["baseline_bytes"], "method": m["method"], "tokens": m["tokens"],
                      "audio_seconds": m["audio_seconds"], "seconds": m["seconds"],
-                     "rtf": m["seconds"] / m["audio_seconds"] if m["audio_seconds"] else None,
+                     "rtf": m["seconds"] / m["audio_seconds"] if m["audio_seconds"] else None, "threads": n_threads,
+                     "device": bdev,
                      "plan_max_streams": int(free // m["workload_peak_bytes"]) if m["workload_peak_bytes"] > 0 else None})
     result = {"gpu": card, "device": device, "workload": "synth", "text": text, "rows": rows,
               "notes": ["peak = extra memory of one utterance's synthesis over the loaded backend (weights "
                         "excluded); streams = (card memory − weights) ÷ that peak"]}
     if out is not None:
+        labels = P.legend_labels(specs)
         P.write_results(out, "vram_synth", rows, result, lambda png: P.plot_bars(
-            png, ["end-to-end synthesis"], {r["model"]: [r["peak_mb"]] for r in rows}, "bundle",
+            png, ["end-to-end synthesis"], {labels[r["model"]]: [r["peak_mb"]] for r in rows}, "bundle",
             "peak working memory (MB, weights excluded)", f"Synthesis memory ({device})", note=result["notes"][0]),
             force=force)
     if json_out:

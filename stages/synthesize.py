@@ -9,8 +9,9 @@ HiFT in chunks while the LM is still generating, as CosyVoice 2 streams. A wav i
 file beside the target and renamed at the end, so no partial wav is ever left behind.
 
 Reports on stderr: RTF (wall time of prompt + synthesis ÷ audio duration; model loading excluded), seconds per
-stage, speech tokens, peak memory (CUDA max allocated on GPU, process max RSS on CPU); --json prints one object
-on stdout.
+stage, speech tokens, peak memory (CUDA max allocated on GPU, process max RSS on CPU), threads; --json prints one
+object on stdout. `--out -` writes the wav to stdout instead (nothing else goes there; the report stays on
+stderr, and --json is refused with it).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Optional
 import typer
 
 from mamtra_cli.errors import UserError
-from mamtra_cli.synthesis.loading import default_reference, resolve_backend
+from mamtra_cli.cli import THREADS_HELP
+from mamtra_cli.synthesis.loading import check_model_exists, default_reference, resolve_backend, synthesis_device
 from mamtra_cli.synthesis.references import ListItem, check_reference, read_seedtts_list
 from mamtra_cli.synthesis.wavfile import WavWriter
 
@@ -63,14 +65,17 @@ def _synthesize_one(backend, text: str, ref: Path, ref_text: Optional[str], out:
     }
 
 
-def _stderr_report(console, r: dict, peak: tuple[float, str], load_s: float | None = None) -> None:
+def _stderr_report(console, r: dict, peak: tuple[float, str], load_s: float | None = None,
+                   threads: int | None = None) -> None:
     st = r["stages"]
     rtf = f"{r['rtf']:.3f}" if r["rtf"] is not None else "n/a"
     load = f" · load {load_s:.2f} s" if load_s is not None else ""
     console.print(f"{r['out']}: {r['audio_seconds']:.2f} s audio in {r['wall_seconds']:.2f} s, RTF {rtf} · "
                   f"frontend {st['frontend_s']:.3f} s · LM {st['lm_s']:.3f} s ({st['tokens']} tokens) · "
                   f"flow {st['flow_s']:.3f} s · HiFT {st['hift_s']:.3f} s{load} · "
-                  f"peak memory {peak[0]:.0f} MiB ({peak[1]})", highlight=False)
+                  f"peak memory {peak[0]:.0f} MiB ({peak[1]})"
+                  + (f" · {threads} thread{'s' if threads != 1 else ''}" if threads else ""),
+                  highlight=False, markup=False)
 
 
 def synth(
@@ -84,7 +89,8 @@ def synth(
     assets: Optional[Path] = typer.Option(None, "--assets", help="CosyVoice 2 model dir for flow, HiFT and front "
                                           "end when --model is not a bundle."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output wav (24 kHz with CosyVoice 2, 16 kHz with the "
-                                       "mini voice)."),
+                                       "mini voice); `-` writes the wav to stdout (binary, nothing else on "
+                                       "stdout; the report goes to stderr; not with --json)."),
     list_file: Optional[Path] = typer.Option(None, "--list", help="Seed-TTS-eval list: utt|prompt_text|prompt_wav|text "
                                              "per line (prompt_wav relative to the list)."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Output folder for --list (UTT.wav each)."),
@@ -92,12 +98,13 @@ def synth(
     stream: bool = typer.Option(False, "--stream", help="Chunked flow + HiFT as the LM generates (CosyVoice 2 streaming)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap on speech tokens per sentence "
                                              "(default: 20 × text tokens, as CosyVoice)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N] (auto: the CPU for the mini voice, "
+                               "which runs only there; else cuda when a GPU is usable)."),
     lm_dtype: str = typer.Option("auto", "--lm-dtype", help="auto (stored dtype on GPU, fp32 on CPU) | bf16 | fp16 | fp32."),
-    threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default). On a busy "
-                                "machine 1 is often much faster for small models."),
+    threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output wavs."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout (not with --out -, "
+                                  "where stdout carries the wav)."),
 ) -> None:
     """Speak TEXT in the voice of --ref, or every line of --list, into wavs.
 
@@ -109,15 +116,16 @@ def synth(
     import json
 
     import torch
-    from rich.console import Console
 
+    from mamtra_cli.cli import apply_threads, check_threads, count_parameters, stderr_console
     from mamtra_cli.synthesis.backend import check_text, parse_dtype
 
-    console = Console(stderr=True)
-    if threads < 0:
-        raise UserError(f"--threads must be 0 (torch's default) or a positive number (got {threads}).")
-    if threads:
-        torch.set_num_threads(threads)
+    console = stderr_console()
+    check_threads(threads)
+    to_stdout = out is not None and str(out) == WavWriter.STDOUT
+    if to_stdout and json_out:
+        raise UserError("--out - writes the wav to stdout, so --json has no room there; drop --json (the report "
+                        "is printed on stderr) or give --out a file name.")
     if max_tokens is not None and max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1 (got {max_tokens}).")
     # -- arguments first: cheap checks before any model is loaded
@@ -139,24 +147,26 @@ def synth(
         if out_dir is not None:
             raise UserError("--out-dir is for --list; for one text use --out.")
         check_text(text)
+        check_model_exists(model)  # before the reference: "pass --ref" would hide a mistyped --model
         if ref is None:
             default = default_reference(model, assets)
             if default is None:
-                raise UserError("Pass --ref with a reference voice wav (a few seconds of speech).")
+                who = f"Model {model}" if model else "This installation's default voice"
+                raise UserError(f"{who} comes with no sample voice; pass --ref with a reference voice wav "
+                                "(a few seconds of speech).")
             ref, default_text = default
             ref_text = default_text if ref_text is None else ref_text
         check_reference(ref)
         if out is None:
-            raise UserError("Pass --out for the output wav.")
-        if out.exists() and not force:
-            raise UserError(f"Output {out} already exists; pass --force to overwrite it or choose another --out.")
-        if not out.parent.is_dir():
-            raise UserError(f"The folder of --out ({out.parent}) does not exist; create it first.")
+            raise UserError("Pass --out for the output wav (or --out - for stdout).")
+        if not to_stdout:
+            if out.exists() and not force:
+                raise UserError(f"Output {out} already exists; pass --force to overwrite it or choose another --out.")
+            if not out.parent.is_dir():
+                raise UserError(f"The folder of --out ({out.parent}) does not exist; create it first.")
         items = [ListItem(None, ref_text, ref, text)]
 
-    from mamtra_cli.cli import parse_device
-
-    dev = torch.device(parse_device(device))
+    dev = torch.device(synthesis_device(model, assets, device))
     dtype = None if lm_dtype == "auto" else parse_dtype(lm_dtype, "--lm-dtype")
     if lm_dtype == "auto" and dev.type == "cpu":
         dtype = torch.float32  # half-precision matmuls are slow on CPUs
@@ -167,6 +177,7 @@ def synth(
     with console.status("loading models"):
         backend = resolve_backend(model, assets, device=str(dev), lm_dtype=dtype, max_new_tokens=max_tokens)
     load_s = time.perf_counter() - t_load
+    n_threads = apply_threads(threads, count_parameters(backend.lm))
 
     reports = []
     if list_file is not None:
@@ -177,11 +188,12 @@ def synth(
         if it.utt is not None:
             r["utt"] = it.utt
         peak = _peak_memory(dev)
-        _stderr_report(console, r, peak, load_s if len(reports) == 0 else None)
+        _stderr_report(console, r, peak, load_s if len(reports) == 0 else None,
+                       n_threads if len(reports) == 0 else None)
         reports.append(r)
 
     peak = _peak_memory(dev)
-    summary = {"load_seconds": round(load_s, 4), "threads": torch.get_num_threads(), "peak_memory_mib": round(peak[0], 1), "memory_source": peak[1],
+    summary = {"load_seconds": round(load_s, 4), "threads": n_threads, "peak_memory_mib": round(peak[0], 1), "memory_source": peak[1],
                "backend": backend.describe()}
     if list_file is None:
         result = {**reports[0], **summary}
@@ -197,6 +209,8 @@ def synth(
                       f"{result['rtf'] if result['rtf'] is not None else 'n/a'}", highlight=False)
     if json_out:
         print(json.dumps(result))
+    elif to_stdout:
+        pass  # stdout holds the wav and nothing else
     elif list_file is None:
         print(str(out))
     else:

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from mamtra_cli.cli import THREADS_HELP
+
 
 def transfer(
     teacher: str = typer.Option(..., "--teacher", help="CosyVoice 2 model dir, llm.pt (with --config-json), or MamTra model dir."),
@@ -18,6 +20,7 @@ def transfer(
     init: str = typer.Option("reused", "--init", help="reused (C←Q, B←K, x←V, out←O) | xavier | kaiming."),
     config_json: Optional[Path] = typer.Option(None, "--config-json", help="Qwen2 config.json when --teacher is a bare llm.pt."),
     seed: int = typer.Option(0, "--seed", help="Seed for the fresh Mamba parameters."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     force: bool = typer.Option(False, "--force", help="Replace --out if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -27,17 +30,19 @@ def transfer(
     """
     import json
 
-    from rich.console import Console
+    from rich.markup import escape
 
     import profiles
     from mamtra_cli import checkpoints
+    from mamtra_cli.cli import apply_threads, check_threads, count_parameters, stderr_console
     from mamtra_cli.errors import UserError
     from mamtra_cli.models.speech_lm import parameter_counts
     from mamtra_cli.teachers import load_teacher
     from mamtra_cli.transfer import (INITS, attention_layers_for, parse_layer_list, parse_ratio,
                                      transfer as do_transfer)
 
-    console = Console(stderr=True)
+    console = stderr_console()
+    check_threads(threads)
     if init not in INITS:
         raise UserError(f"Unknown --init {init!r}; use one of {', '.join(INITS)}.")
     if sum(x is not None for x in (ratio, profile, attention_layers)) != 1:
@@ -47,6 +52,7 @@ def transfer(
 
     with console.status("loading teacher"):
         model, info = load_teacher(teacher, config_json)
+    n_threads = apply_threads(threads, count_parameters(model))
     n = model.config.num_layers
     if attention_layers is not None:
         layers = parse_layer_list(attention_layers, n)
@@ -68,7 +74,7 @@ def transfer(
     summary = {
         "out": str(out), "layer_types": student.config.layer_types, "attention_layers": layers,
         "mamba_layers": student.config.mamba_layers, "init": init, "placement": placement_used,
-        "parameters": counts, "teacher_parameters": parameter_counts(model),
+        "parameters": counts, "teacher_parameters": parameter_counts(model), "threads": n_threads,
     }
     manifest = checkpoints.run_manifest(
         "transfer", inputs={"teacher": info}, seed=seed,
@@ -78,7 +84,7 @@ def transfer(
     )
     with checkpoints.staged_output(out, force) as tmp:
         checkpoints.save_model_dir(tmp, student.config, student.state_dict(), manifest)
-    console.print(f"[green]wrote[/green] {out}: {len(layers)} attention + {len(student.config.mamba_layers)} "
+    console.print(f"[green]wrote[/green] {escape(str(out))}: {len(layers)} attention + {len(student.config.mamba_layers)} "
                   f"Mamba layers, {counts['total']:,} parameters")
     if json_out:
         print(json.dumps(summary))

@@ -226,7 +226,7 @@ def pearson(x: list[float], y: list[float]) -> float | None:
 
 
 def evaluate(lst: EvalList, systems: list[System], out: Path, asr, speaker_model=None, normalizer_name: str | None = None,
-             data: Path | None = None, seed: int = 0, limit: int | None = None,
+             data: Path | None = None, seed: int = 0, limit: int | None = None, max_tokens: int | None = None,
              log: Callable[[str], None] = lambda m: None,
              progress: Callable[[str, int, int], None] = lambda name, done, total: None) -> dict:
     """Evaluate every system on the first `limit` rows of `lst` into `out` (see the module docstring) and return
@@ -263,7 +263,7 @@ def evaluate(lst: EvalList, systems: list[System], out: Path, asr, speaker_model
         with open(records_path, "a", encoding="utf-8") as sink, ThreadPoolExecutor(max_workers=1) as scorer:
             for system in systems:
                 system.fingerprint = _fingerprint(system)
-                key_src = json.dumps({"system": system.fingerprint, "seed": seed, "asr": asr_info,
+                key_src = json.dumps({"system": system.fingerprint, "seed": seed, "max_tokens": max_tokens, "asr": asr_info,
                                       "normalizer": norm_name, "sim": sim_info}, sort_keys=True)
                 key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
                 done = [old[(key, it.utt)] for it in items if (key, it.utt) in old
@@ -276,7 +276,7 @@ def evaluate(lst: EvalList, systems: list[System], out: Path, asr, speaker_model
                 progress(system.name, len(done), len(items))
                 if todo:
                     wav_dir = out / "wavs" / system.slug
-                    produce = _producer(system, lst, wav_dir, seed)
+                    produce = _producer(system, lst, wav_dir, seed, max_tokens)
                     pending: list[Future] = []
 
                     def score_batch(batch: list[tuple[int, ListItem, np.ndarray, dict]]) -> None:
@@ -320,7 +320,7 @@ def evaluate(lst: EvalList, systems: list[System], out: Path, asr, speaker_model
 
         ce_points = [(s["ce"], s["wer"]) for s in summaries if s.get("ce") is not None and s["wer"] is not None]
         result = {
-            "list": lst.name, "utterances": len(items), "seed": seed, "asr": asr_info, "normalizer": norm_name,
+            "list": lst.name, "utterances": len(items), "seed": seed, "max_tokens": max_tokens, "asr": asr_info, "normalizer": norm_name,
             "sim_model": sim_info, "data": str(data) if data is not None else None,
             "wer_definition": "wer = mean of per-utterance WER (Seed-TTS-eval); wer_corpus = all errors / all reference words",
             "unintelligible_above_wer": UNINTELLIGIBLE_WER,
@@ -356,7 +356,7 @@ def _summarize_system(system: System, rows: list[dict], summarize, ce: float | N
     }
 
 
-def _producer(system: System, lst: EvalList, wav_dir: Path, seed: int):
+def _producer(system: System, lst: EvalList, wav_dir: Path, seed: int, max_tokens: int | None = None):
     """A function (row index, row) → record fields of the row's audio for one system ("wav": its file,
     "audio_seconds", "seed", "synth_seconds"); audio made here is written to wav_dir/UTT.wav first."""
     from mamtra_cli.synthesis.wavfile import WavWriter
@@ -413,7 +413,7 @@ def _producer(system: System, lst: EvalList, wav_dir: Path, seed: int):
 
     from mamtra_cli.synthesis.loading import resolve_backend
 
-    backend = resolve_backend(system.source, system.assets, device="cpu")
+    backend = resolve_backend(system.source, system.assets, device="cpu", max_new_tokens=max_tokens)
     prompts: dict[tuple[str, str | None], object] = {}
 
     def from_model(i: int, it: ListItem):

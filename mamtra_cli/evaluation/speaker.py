@@ -179,12 +179,17 @@ class OnnxEmbedder:
         return self.model.embed(np.asarray(wav16k, dtype=np.float32))
 
 
-def load_speaker_model(spec: str, threads: int = 1):
+def load_speaker_model(spec: str, threads: int = 1, candidates: list[Path] = ()):
     """The embedder named by --sim: `ge2e`, `none` (no SIM), a `.onnx` file, or a CosyVoice 2 directory (its
-    campplus.onnx). `auto` is GE2E when Resemblyzer is installed, else no SIM."""
+    campplus.onnx). `auto`: the campplus.onnx of the first of `candidates` (the --assets and model directories
+    of the evaluation) that has one — CosyVoice's own speaker model — else GE2E when Resemblyzer is installed,
+    else no SIM."""
     if spec == "none":
         return None
     if spec == "auto":
+        for c in candidates:
+            if (Path(c) / "campplus.onnx").is_file():
+                return OnnxEmbedder(Path(c) / "campplus.onnx", threads=threads)
         return GE2EEmbedder() if importlib.util.find_spec("resemblyzer") is not None else None
     if spec == "ge2e":
         return GE2EEmbedder()

@@ -110,3 +110,25 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
             y = y.reshape(b, self.n_heads, l, self.head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(b, l, self.n_heads * self.head_dim))
+
+    def decode_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor,
+                    slot: torch.Tensor, kv) -> torch.Tensor:
+        """One token against a preallocated cache: fixed shapes, no host reads (CUDA-graph/compile safe).
+
+        x: (B, 1, H); cos, sin: (B, 1, d); key_mask: (B, 1, 1, T_max) bool, True at filled real slots
+        (including `slot`); slot: (1,) int64, where this token's K/V go; kv: the layer's
+        `StaticAttentionCache`, K/V (B, n_kv, T_max, d). Attends over all T_max slots with the mask, so the
+        work is that of the full cache whatever its fill; the result equals `forward` with a dynamic cache.
+        """
+        b = x.shape[0]
+        q = self.q_proj(x).view(b, 1, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_h, 1, d)
+        k = self.k_proj(x).view(b, 1, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, 1, d)
+        v = self.v_proj(x).view(b, 1, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kv.write(slot, k, v)
+        # GQA without copying the cache: the rep query heads of a KV group become rep query rows,
+        # (B, n_kv, rep, d) against (B, n_kv, T_max, d); the (B, 1, 1, T_max) mask broadcasts over both.
+        rep = self.n_heads // self.n_kv
+        qg = q.reshape(b, self.n_kv, rep, self.head_dim)
+        y = F.scaled_dot_product_attention(qg, kv.k, kv.v, attn_mask=key_mask)  # (B, n_kv, rep, d)
+        return self.o_proj(y.reshape(b, 1, self.n_heads * self.head_dim))

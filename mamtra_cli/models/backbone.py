@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mamtra_cli.models.attention import Attention, RMSNorm, RotaryEmbedding, SwiGLU
+from mamtra_cli.models.cache import StaticHybridCache
 from mamtra_cli.models.config import ATTENTION, ModelConfig
 from mamtra_cli.models.mamba2 import Mamba2Mixer
 
@@ -40,6 +41,17 @@ class DecoderLayer(nn.Module):
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def decode_step(self, x, cos, sin, key_mask, slot, layer_cache):
+        """One token with a `StaticHybridCache` layer: x (B, 1, H) → (B, 1, H); see `HybridBackbone.decode_step`."""
+        h = self.input_layernorm(x)
+        if self.layer_type == ATTENTION:
+            h = self.self_attn.decode_step(h, cos, sin, key_mask, slot, layer_cache)
+        else:
+            # The Mamba decode step already has fixed shapes and updates its states in place.
+            h = self.mamba(h, None, layer_cache)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
 
 class HybridBackbone(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -53,7 +65,14 @@ class HybridBackbone(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache=None) -> torch.Tensor:
         """inputs_embeds: (B, L, H); attention_mask: (B, L) bool or None (= all real);
-        cache: `HybridCache` (updated in place) or None. Returns the final-normed hidden state (B, L, H)."""
+        cache: `HybridCache` (updated in place) or None; a `StaticHybridCache` is filled through this same
+        path (run on a dynamic copy, then loaded back), so any prefill works on it.
+        Returns the final-normed hidden state (B, L, H)."""
+        if isinstance(cache, StaticHybridCache):
+            dynamic = cache.to_dynamic()
+            out = self.forward(inputs_embeds, attention_mask, dynamic)
+            cache.load(dynamic)
+            return out
         b, l, _ = inputs_embeds.shape
         device = inputs_embeds.device
         token_mask = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
@@ -95,4 +114,24 @@ class HybridBackbone(nn.Module):
         if cache is not None:
             cache.key_mask = key_mask
             cache.next_position = cache.next_position + (l if token_mask is None else token_mask.long().sum(1))
+        return self.norm(x)
+
+    def decode_step(self, inputs_embeds: torch.Tensor, cache: StaticHybridCache) -> torch.Tensor:
+        """One token for every row, on a `StaticHybridCache`: inputs_embeds (B, 1, H) → final-normed (B, 1, H).
+
+        The fast path of `forward(x, None, cache)` for L == 1. Shapes never depend on the length and
+        nothing is read back to the host, so one trace / one CUDA graph serves every step: the token's K/V
+        go to slot `cache.length` by index_copy_, attention covers all max_length slots under
+        `cache.key_mask`, Mamba states are updated in place, and `length` / `next_position` are
+        incremented in place. The caller keeps `cache.length < cache.max_length` (not checked here).
+        """
+        slot = cache.length.view(1)  # (1,) int64: the slot this token fills, same for every row
+        cache.key_mask.index_fill_(1, slot, True)  # the new token is a real key for its own query
+        key_mask = cache.key_mask[:, None, None, :]  # (B, 1, 1, T_max)
+        cos, sin = self.rotary(cache.next_position[:, None], inputs_embeds.dtype)  # (B, 1, d)
+        x = inputs_embeds
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x = layer.decode_step(x, cos, sin, key_mask, slot, layer_cache)
+        cache.length.add_(1)
+        cache.next_position.add_(1)
         return self.norm(x)

@@ -12,12 +12,16 @@ its CUDA build, and a broken CUDA install can surface as OSError (missing .so) o
 finding no driver). A kernel is used only when it imported AND the tensors live on CUDA AND the call is
 within what the kernel supports; everything else takes the pure-PyTorch path, which has the same contract.
 
+Setting the environment variable MAMTRA_KERNELS=0 before first use skips both imports (reported as
+disabled): the pure path on a machine that has the kernels, e.g. to compare the two in one run.
+
 Module attributes `HAVE_MAMBA_KERNELS` and `HAVE_CONV_KERNELS` are computed on first access.
 `kernel_report()` says what is available and, if not, why.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -50,6 +54,11 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _load() -> None:
     with _lock:
         if "_done" in _loaded:
+            return
+        if os.environ.get("MAMTRA_KERNELS", "").strip() == "0":
+            for package in ("mamba_ssm", "causal_conv1d"):
+                _errors[package] = "disabled by MAMTRA_KERNELS=0"
+            _loaded["_done"] = True
             return
         try:
             from mamba_ssm.ops.triton.selective_state_update import selective_state_update
@@ -179,8 +188,14 @@ def state_step(
         # expands are what it expects for a scalar-per-head A (it then computes one decay per head).
         dt_e = dt[:, :, None].expand(b, h, p)
         A_e = A.float()[:, None, None].expand(h, p, n)
+        # mamba-ssm 2.3.x reads `dt_bias.stride(-1)` and unpacks `*(D.stride(0), D.stride(1))` whether or
+        # not they were passed, so leaving them out raises (AttributeError / TypeError). Our dt is already
+        # biased and softplus'ed and the mixer adds D·x itself, so both are zeros: one 0-dim float32 zero
+        # on x's device, expanded to (h, p) with zero strides (stride(-1) == 0 keeps the kernel's
+        # one-decay-per-head path). The kernel reads both as float32.
+        zero = torch.zeros((), dtype=torch.float32, device=x.device).expand(h, p)
         new_state = state if inplace else state.clone()  # the kernel updates its state argument in place
-        y = kernel(new_state, x, dt_e, A_e, B, C)
+        y = kernel(new_state, x, dt_e, A_e, B, C, D=zero, z=None, dt_bias=zero, dt_softplus=False)
         return y, new_state
     return ssd_step(state, x, dt, A, B, C, inplace=inplace)
 

@@ -22,6 +22,15 @@ from mamtra_cli.models import kernels
 from mamtra_cli.models.config import ModelConfig
 
 
+def _draw(like: torch.Tensor, generator: torch.Generator | None, fill) -> torch.Tensor:
+    """A tensor of `like`'s shape and dtype filled by `fill(tensor, generator)` on the generator's device (the
+    only device a generator may draw on), moved to `like`'s device; with no generator, drawn on `like`'s own
+    device from its default RNG. Same dtype as `like`, so a CPU parameter gets exactly the values an
+    in-place draw would have given it."""
+    where = like.device if generator is None else generator.device
+    return fill(torch.empty(like.shape, dtype=like.dtype, device=where), generator).to(like.device)
+
+
 class GatedRMSNorm(nn.Module):
     """rmsnorm(y · silu(z)) · w, normalised per group of `group_size` channels (one group per head)."""
 
@@ -62,21 +71,33 @@ class Mamba2Mixer(nn.Module):
     # ---- init of the parts that have no attention counterpart (Mamba's usual init) ----
     @torch.no_grad()
     def reset_ssm_parameters(self, generator: torch.Generator | None = None) -> None:
+        """dt_bias, A_log, D, the gated norm and the conv get Mamba's usual init.
+
+        Every random draw is made on the generator's device and then copied into the parameter, so a
+        CPU generator initialises CUDA (or meta) parameters: a CUDA tensor refuses a CPU generator
+        ("Expected a 'cuda' device type for generator"), which crashed `profile vram/speed` on GPUs.
+        Drawing on the CPU in the parameter's dtype also keeps the values bit-identical to a CPU build,
+        whatever device the model lives on. Without a generator the draws use the default RNG of the
+        parameter's device, as before.
+        """
         m = self._mcfg
-        u = torch.rand(self.n_heads, generator=generator)
+        # dt and A are drawn and computed on the generator's device (the CPU without one, as before) and
+        # only the results are copied: exp/log on another device could differ in the last bit.
+        where = torch.device("cpu") if generator is None else generator.device
+        u = torch.rand(self.n_heads, generator=generator, device=where)  # (n_h,)
         dt = torch.exp(u * (math.log(m.dt_max) - math.log(m.dt_min)) + math.log(m.dt_min))
         dt = dt.clamp(min=m.dt_init_floor)
         # inverse softplus, so that softplus(dt_bias) = dt at init
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        a = torch.empty(self.n_heads).uniform_(m.A_init_min, m.A_init_max, generator=generator)
+        a = torch.empty(self.n_heads, device=where).uniform_(m.A_init_min, m.A_init_max, generator=generator)
         self.A_log.copy_(torch.log(a))
         self.D.fill_(1.0)
         self.norm.weight.fill_(1.0)
         # nn.Conv1d's default init (kaiming-uniform, a=√5), drawn from the generator for reproducibility
-        fan_in = self.conv1d.weight.shape[1] * self.conv1d.weight.shape[2]
-        bound = 1.0 / math.sqrt(fan_in)
-        self.conv1d.weight.uniform_(-bound, bound, generator=generator)
-        self.conv1d.bias.uniform_(-bound, bound, generator=generator)
+        w, wb = self.conv1d.weight, self.conv1d.bias  # (conv_dim, 1, d_conv), (conv_dim,)
+        bound = 1.0 / math.sqrt(w.shape[1] * w.shape[2])
+        w.copy_(_draw(w, generator, lambda t, g: t.uniform_(-bound, bound, generator=g)))
+        wb.copy_(_draw(wb, generator, lambda t, g: t.uniform_(-bound, bound, generator=g)))
 
     def _split(self, zxbcdt: torch.Tensor):
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.n_heads], dim=-1)

@@ -24,7 +24,7 @@ from torch import nn
 
 from mamtra_cli.errors import UserError
 from mamtra_cli.models.backbone import HybridBackbone
-from mamtra_cli.models.cache import HybridCache
+from mamtra_cli.models.cache import HybridCache, StaticHybridCache
 from mamtra_cli.models.config import ModelConfig
 from mamtra_cli.models.sampling import SamplingConfig, sample_next
 
@@ -114,6 +114,25 @@ class SpeechLM(nn.Module):
         p = self.llm_decoder.weight
         return HybridCache(self.config, batch_size, dtype or p.dtype, p.device)
 
+    def new_static_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> StaticHybridCache:
+        """A `StaticHybridCache` for `decode_step`; max_length = prompt + new tokens (every slot is attended)."""
+        p = self.llm_decoder.weight
+        return StaticHybridCache(self.config, batch_size, max_length, dtype or p.dtype, p.device)
+
+    def decode_step(self, tokens_or_embeds: torch.Tensor, cache: StaticHybridCache) -> torch.Tensor:
+        """One decode step on a static cache → logits (B, C) of the next token, in the model's dtype.
+
+        tokens_or_embeds: (B,) int64 speech-token ids (looked up in `speech_embedding`) or embeddings
+        (B, H) / (B, 1, H). Fixed shapes, no host synchronisation: capturable as a CUDA graph
+        (`cuda_graph.GraphedDecodeStep`) and traceable by `torch.compile(fullgraph=True)`. Equals
+        `llm_decoder(forward_embeds(x, None, dynamic_cache)[:, -1])` with the same cache contents.
+        """
+        x = tokens_or_embeds
+        if not x.is_floating_point():  # a dtype test: fixed for a given call site, no data read
+            x = self.speech_embedding(x)
+        x = x.reshape(x.shape[0], 1, -1)  # (B, 1, H)
+        return self.llm_decoder(self.backbone.decode_step(x, cache)[:, 0])
+
     def inference_prefix(self, text_tokens: torch.Tensor, prompt_speech_tokens: torch.Tensor | None = None):
         """text_tokens (1, T) (prompt text ++ new text), prompt_speech_tokens (1, P) → (1, 1+T+1+P, H)."""
         device = self.text_embedding.weight.device
@@ -126,19 +145,27 @@ class SpeechLM(nn.Module):
     @torch.inference_mode()
     def generate(self, text_tokens: list[int], prompt_text_tokens: list[int] = (),
                  prompt_speech_tokens: list[int] = (), sampling: SamplingConfig | None = None, seed: int = 0,
-                 max_new_tokens: int | None = None, on_token=None) -> list[int]:
+                 max_new_tokens: int | None = None, on_token=None, decode: str = "dynamic") -> list[int]:
         """One utterance; `on_token(token)` is called as each speech token is decided (streaming)."""
         return self.generate_batch([(list(text_tokens), list(prompt_text_tokens), list(prompt_speech_tokens))],
                                    sampling, seed, max_new_tokens,
-                                   on_token=None if on_token is None else (lambda _i, t: on_token(t)))[0]
+                                   on_token=None if on_token is None else (lambda _i, t: on_token(t)), decode=decode)[0]
 
     @torch.inference_mode()
     def generate_batch(self, requests: list[tuple[list[int], list[int], list[int]]],
                        sampling: SamplingConfig | None = None, seed: int = 0, max_new_tokens: int | None = None,
-                       on_token=None, cache_dtype: torch.dtype | None = None) -> list[list[int]]:
+                       on_token=None, cache_dtype: torch.dtype | None = None,
+                       decode: str = "dynamic") -> list[list[int]]:
         """requests: (text, prompt_text, prompt_speech) token lists. Prompts are left-padded into one batch;
         row i samples with its own generator seeded `seed + i`, so it draws exactly what it would alone.
-        Returns the speech tokens of each row (stop id excluded)."""
+        Returns the speech tokens of each row (stop id excluded).
+
+        decode: how each token's logits are computed after the prefill. "dynamic": `forward_embeds` on a
+        growing `HybridCache` (the reference); "static": `decode_step` on a `StaticHybridCache` sized to
+        the prompt + the longest allowed output; "graph": that step replayed as a CUDA graph (CUDA only).
+        All three draw the same tokens up to float rounding of the logits."""
+        if decode not in ("dynamic", "static", "graph"):
+            raise ValueError(f"decode must be 'dynamic', 'static' or 'graph', got {decode!r}")
         cfg = sampling or SamplingConfig()
         b = len(requests)
         if b == 0:
@@ -160,13 +187,25 @@ class SpeechLM(nn.Module):
             max_len = [min(m, max_new_tokens) for m in max_len]
         gens = [torch.Generator().manual_seed(seed + i) for i in range(b)]
 
-        cache = self.new_cache(b, cache_dtype)
+        if decode == "dynamic":
+            cache = self.new_cache(b, cache_dtype)
+        else:
+            # Every row stops by max(max_len) tokens: at most that many decode steps follow the prefill.
+            cache = self.new_static_cache(b, L + max(max(max_len), 1), cache_dtype)
         hidden = self.backbone(embeds, mask, cache)[:, -1]  # (B, H)
+        logits = self.llm_decoder(hidden)  # (B, C)
+        step = None
+        if decode == "graph":
+            from mamtra_cli.models.cuda_graph import GraphedDecodeStep
+
+            step = GraphedDecodeStep(self, cache)
+        elif decode == "static":
+            step = lambda ids: self.decode_step(ids, cache)  # noqa: E731
         out: list[list[int]] = [[] for _ in range(b)]
         done = [m <= 0 for m in max_len]
         stop = self.config.stop_ids
         while not all(done):
-            logp = self.llm_decoder(hidden).float().log_softmax(-1).cpu()  # (B, C)
+            logp = logits.float().log_softmax(-1).cpu()  # (B, C)
             next_tokens = []
             for i in range(b):
                 if done[i]:
@@ -185,7 +224,10 @@ class SpeechLM(nn.Module):
             if all(done):
                 break
             ids = torch.tensor(next_tokens, dtype=torch.long, device=embeds.device)
-            hidden = self.backbone(self.speech_embedding(ids)[:, None], None, cache)[:, -1]
+            if step is None:
+                logits = self.llm_decoder(self.backbone(self.speech_embedding(ids)[:, None], None, cache)[:, -1])
+            else:
+                logits = step(ids)
         return out
 
 

@@ -14,6 +14,50 @@ from typing import Optional
 from mamtra_cli.errors import UserError
 
 
+def check_model_exists(model: Optional[str]) -> None:
+    """A --model that names nothing is the first thing to report: every later message (no sample voice, pass
+    --ref, pass --assets) would only send the user after the wrong problem."""
+    if model is not None and model != "mini" and not Path(model).exists():
+        raise UserError(f"Model {model} does not exist; pass a bundle from `mamtra export`, a mini voice "
+                        "directory, or a model directory with --assets (or drop --model for the built-in mini voice).")
+
+
+def uses_mini_backend(model: Optional[str], assets: Optional[Path]) -> bool:
+    """True if --model / --assets choose the mini backend (CPU only), decided from the files alone, without
+    loading any weights; the same decision as `resolve_backend`."""
+    from mamtra_cli.mini import BUILTIN_DIR
+
+    if model is None or model == "mini":
+        return True
+    path = Path(model)
+    mini_dir = path if assets is None else (BUILTIN_DIR if str(assets) == "mini" else Path(assets))
+    if not (path.is_dir() and (mini_dir / "codec.yaml").is_file()):
+        return False
+    from mamtra_cli.mini.backend import MiniBackend
+
+    return MiniBackend.accepts(path, mini_dir)
+
+
+def synthesis_device(model: Optional[str], assets: Optional[Path], device: str = "auto") -> str:
+    """--device for synthesis with --model / --assets → "cpu", "cuda" or "cuda:N".
+
+    "auto" means the best device *for this backend*: the mini voice runs on the CPU only, so auto picks the
+    CPU for it even on a GPU machine (turning auto into cuda first and refusing it afterwards made `synth`
+    unusable there without --device cpu); CosyVoice 2 models take the GPU when one is usable. Only an
+    explicit --device cuda with the mini voice is an error."""
+    from mamtra_cli.cli import parse_device
+
+    requested = str(device).strip().lower()
+    if uses_mini_backend(model, assets):
+        if requested == "auto":
+            return "cpu"
+        chosen = parse_device(device)  # unknown values are reported as such first
+        if chosen != "cpu":
+            raise UserError(f"The mini voice runs on the CPU; drop --device {device} (or use --device cpu).")
+        return chosen
+    return parse_device(device)
+
+
 def resolve_backend(model: Optional[str], assets: Optional[Path], device: str = "cpu", lm_dtype=None,
                     max_new_tokens: Optional[int] = None):
     """The synthesis backend for --model / --assets.
@@ -25,6 +69,18 @@ def resolve_backend(model: Optional[str], assets: Optional[Path], device: str = 
     - --model LM --assets COSYVOICE2_DIR: the LM from a MamTra model dir / CosyVoice 2 dir / llm.pt, the rest
       from the CosyVoice 2 directory; --model COSYVOICE2_DIR alone uses that directory for both.
     """
+    from mamtra_cli.checkpoints import check_finite_weights
+
+    if str(device).strip().lower() == "auto":
+        device = synthesis_device(model, assets, device)
+    backend = _build_backend(model, assets, device, lm_dtype, max_new_tokens)
+    # Weights with NaN/inf (a damaged or diverged model) would speak silence or noise with no error at all.
+    check_finite_weights(backend.lm, f"The speech LM of {model or 'the built-in mini voice'}")
+    return backend
+
+
+def _build_backend(model: Optional[str], assets: Optional[Path], device: str, lm_dtype,
+                   max_new_tokens: Optional[int]):
     from mamtra_cli.mini import BUILTIN_DIR
     from mamtra_cli.synthesis import backend as B
 
@@ -32,6 +88,7 @@ def resolve_backend(model: Optional[str], assets: Optional[Path], device: str = 
         if assets is not None:
             raise UserError("The built-in mini voice carries its own codec; drop --assets.")
         return default_backend(device, lm_dtype, max_new_tokens)
+    check_model_exists(model)
     if assets is not None and str(assets) == "mini":
         assets = BUILTIN_DIR
     path = Path(model)
@@ -39,9 +96,6 @@ def resolve_backend(model: Optional[str], assets: Optional[Path], device: str = 
         if assets is not None:
             raise UserError(f"{model} is a bundle and carries its own flow, HiFT and front end; drop --assets.")
         return B.CosyVoice2Backend.from_bundle(path, device=device, lm_dtype=lm_dtype, max_new_tokens=max_new_tokens)
-    if not path.exists():
-        raise UserError(f"Model {model} does not exist; pass a bundle from `mamtra export` or a model directory "
-                        "with --assets.")
     # A mini voice directory (`mamtra build-mini`) holds its LM, character vocabulary and codec together;
     # a hybrid made from it (transfer/distill) borrows the codec with --assets MINI_DIR.
     mini_dir = path if assets is None else assets
@@ -49,6 +103,7 @@ def resolve_backend(model: Optional[str], assets: Optional[Path], device: str = 
         from mamtra_cli.mini.backend import MiniBackend
 
         if MiniBackend.accepts(path, mini_dir):
+            _check_cpu_only(device)
             return MiniBackend(path, codec_dir=mini_dir, dtype=lm_dtype, max_new_tokens=max_new_tokens)
     if assets is None:
         if B.has_cosyvoice2_assets(path):
@@ -68,11 +123,16 @@ def default_backend(device: str, lm_dtype=None, max_new_tokens: Optional[int] = 
     if (BUILTIN_DIR / "codec.yaml").is_file():
         from mamtra_cli.mini.backend import MiniBackend
 
-        if device not in ("cpu", "auto") and not device.startswith("cpu"):
-            raise UserError(f"The mini voice runs on the CPU; drop --device {device} (or use --device cpu).")
+        _check_cpu_only(device)
         return MiniBackend(dtype=lm_dtype, max_new_tokens=max_new_tokens)
     raise UserError("This version ships no default voice: pass --model BUNDLE (from `mamtra export`), "
                     "--model LM_DIR --assets COSYVOICE2_DIR, or a voice made by `mamtra build-mini`.")
+
+
+def _check_cpu_only(device: str) -> None:
+    """The mini backend runs on the CPU: "auto" means the CPU for it, an explicit GPU is refused."""
+    if str(device).strip().lower() not in ("cpu", "auto"):
+        raise UserError(f"The mini voice runs on the CPU; drop --device {device} (or use --device cpu).")
 
 
 def default_reference(model: Optional[str], assets: Optional[Path]) -> Optional[tuple[Path, Optional[str]]]:
@@ -80,6 +140,7 @@ def default_reference(model: Optional[str], assets: Optional[Path]) -> Optional[
     is given, else the mini dir/bundle of --model or --assets. None when there is none (CosyVoice 2)."""
     from mamtra_cli.mini import BUILTIN_DIR
 
+    check_model_exists(model)
     candidates = []
     if model is None or model == "mini":
         candidates.append(BUILTIN_DIR)

@@ -27,7 +27,9 @@ def _load_builtin(name: str):
                         f"`mamtra build-mini --out DIR` and pass --teacher DIR.")
     info = {"format": "mamtra-builtin", "name": name, "path": str(BUILTIN_DIR),
             "weights": checkpoints.file_fingerprint(BUILTIN_DIR / checkpoints.WEIGHTS_FILE)}
-    return load_model_dir(BUILTIN_DIR).eval(), info
+    model = load_model_dir(BUILTIN_DIR).eval()
+    checkpoints.check_finite_weights(model, f"The built-in {name} model ({BUILTIN_DIR})")
+    return model, info
 
 
 def load_teacher(spec, config_json: Path | None = None):
@@ -77,5 +79,8 @@ def load_teacher(spec, config_json: Path | None = None):
     else:
         raise UserError(f"Teacher {path} is not a file or directory; pass {expected}.")
     model.eval()
+    # Every stage that reads a model through here (score, distill, transfer, export, profile, synth with
+    # --assets) refuses NaN/inf weights in one sentence instead of printing NaN scores or training to NaN.
+    checkpoints.check_finite_weights(model, f"Model {spec}")
     info["config"] = model.config.to_dict() if hasattr(model, "config") else None
     return model, info

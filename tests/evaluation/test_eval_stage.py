@@ -24,6 +24,7 @@ needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="esp
 
 
 def run(args, capsys):
+    capsys.readouterr()  # drop what earlier commands of the test printed
     code = main(args)
     cap = capsys.readouterr()
     return code, cap.out, cap.err
@@ -188,3 +189,62 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_pa
     code, _, err = run(args, capsys)
     assert code == 0, err
     assert not (out / ".eval.lock").exists() and len((out / "utterances.jsonl").read_text().splitlines()) == 1
+
+
+def test_sim_with_an_onnx_speaker_model_and_auto_picks_campplus(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("pocketsphinx")
+    from tests.frontend.standins import write_campplus_onnx
+
+    from mamtra_cli.evaluation.speaker import OnnxEmbedder, cosine, load_speaker_model
+    from mamtra_cli.frontend.audio import load_audio
+
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    onnx = write_campplus_onnx(assets / "campplus.onnx")
+    assert isinstance(load_speaker_model("auto", candidates=[tmp_path, assets]), OnnxEmbedder)
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    it = load_eval_list("mini-heldout").items[0]
+    shutil.copy(it.ref, wavs / f"{it.utt}.wav")  # the row's own prompt: SIM of a recording with itself is 1
+    code, stdout, err = run(["eval", "--list", "mini-heldout", "--wavs", str(wavs), "--no-ground-truth", "--limit", "1",
+                             "--asr", "pocketsphinx", "--sim", str(onnx), "--out", str(tmp_path / "ev"), "--json"],
+                            capsys)
+    assert code == 0, err
+    s = json.loads(stdout)
+    assert s["sim_model"]["name"].startswith("campplus") and s["systems"][0]["sim"] == pytest.approx(1.0, abs=1e-5)
+    emb = OnnxEmbedder(onnx)
+    other = load_eval_list("mini-heldout").items[1].ref
+    assert cosine(emb.embed(load_audio(it.ref, 16000)), emb.embed(load_audio(other, 16000))) < 0.9999
+
+
+def test_cosyvoice2_bundle_and_directory_at_24_khz(tmp_path, capsys):
+    """A CosyVoice 2-format teacher directory and its exported hybrid bundle (tiny random weights): 24 kHz audio
+    is written as made and resampled for the ASR; SIM picks the bundle's campplus.onnx (auto)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("pocketsphinx")
+    import torch
+
+    from tests.synthesis.test_backend import make_tiny_cosyvoice2_assets, write_reference
+
+    torch.set_num_threads(1)
+    assets = make_tiny_cosyvoice2_assets(tmp_path / "cv2")
+    assert main(["transfer", "--teacher", str(assets), "--ratio", "1:1", "--out", str(tmp_path / "hybrid")]) == 0
+    assert main(["export", "--model", str(tmp_path / "hybrid"), "--assets", str(assets), "--out",
+                 str(tmp_path / "bundle")]) == 0
+    ref = write_reference(tmp_path / "ref.wav")
+    lst = tmp_path / "meta.lst"
+    lst.write_text(f"a|the quick brown fox.|{ref}|Hello world.\nb||{ref}|This is speech.\n")
+    code, stdout, err = run(["eval", "--list", str(lst), "--model", f"teacher={assets}", "--model",
+                             f"hybrid={tmp_path / 'bundle'}", "--asr", "pocketsphinx", "--max-tokens", "20",
+                             "--out", str(tmp_path / "ev"), "--json"], capsys)
+    assert code == 0, err
+    s = json.loads(stdout)
+    assert [x["name"] for x in s["systems"]] == ["teacher", "hybrid"]
+    assert s["sim_model"]["name"].startswith("campplus")
+    for line in (tmp_path / "ev" / "utterances.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        wav, sr = sf.read(r["wav"])
+        assert sr == 24000 and wav.size / sr == pytest.approx(r["audio_seconds"], abs=1e-3)
+        assert r["sim"] is not None and -1 <= r["sim"] <= 1
+    # the second row has no prompt transcript: cross-lingual prompting, as `mamtra synth` without --ref-text

@@ -349,11 +349,29 @@ def test_missing_kernel_package_is_reported(fresh_kernel_cache, monkeypatch):
     assert rep["mamba_ssm"]["error"].startswith("ModuleNotFoundError")
 
 
+def test_kernels_can_be_disabled_by_environment(fresh_kernel_cache, monkeypatch):
+    imported = []
+
+    class _Recorder:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("mamba_ssm", "causal_conv1d"):
+                imported.append(name)
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [_Recorder()] + sys.meta_path)
+    monkeypatch.setenv("MAMTRA_KERNELS", "0")
+    rep = kernel_report()
+    assert imported == []  # not even attempted
+    assert rep["mamba_ssm"] == {"available": False, "error": "disabled by MAMTRA_KERNELS=0"}
+    assert rep["causal_conv1d"]["error"] == "disabled by MAMTRA_KERNELS=0"
+
+
 # ---------------------------------------------------------------- CUDA
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+@pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("method", ["loop", "matrix"])
 def test_pure_path_on_cuda(method):
@@ -368,6 +386,7 @@ def test_pure_path_on_cuda(method):
     assert rel_err(state.cpu(), state_ref) < 1e-4
 
 
+@pytest.mark.gpu
 @requires_cuda
 @pytest.mark.skipif(
     not (torch.cuda.is_available() and kernels.HAVE_MAMBA_KERNELS and kernels.HAVE_CONV_KERNELS),

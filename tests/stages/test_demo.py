@@ -59,8 +59,9 @@ def test_export_mini_bundle_is_exact_and_synthesises(tmp_path, capsys):
 
 def test_demo_end_to_end_smoke(tmp_path):
     out = tmp_path / "demo"
+    # No --threads: every stage must still run with one thread (the demo's models are all small), and say so.
     cmd = [sys.executable, "-m", "mamtra_cli", "demo", "--out", str(out), "--steps", "2", "--wer-sentences", "1",
-           "--threads", "1", "--json"]
+           "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)
@@ -74,6 +75,15 @@ def test_demo_end_to_end_smoke(tmp_path):
     assert json.loads((out / "demo.json").read_text())["rows"] == summary["rows"]
     # the commands name the final directory, never the temporary one the demo wrote into
     assert all(".tmp-" not in c for c in summary["commands"]) and len(summary["commands"]) == 10
+    # ... and so do the stages' messages and their manifests (their recorded command lines, their inputs)
+    assert ".tmp-" not in r.stderr
+    for manifest in out.rglob("manifest.json"):
+        assert ".tmp-" not in manifest.read_text(), manifest
+    assert json.loads((out / "hybrid" / "manifest.json").read_text())["command"] == (
+        f"mamtra transfer --teacher mini --ratio 1:1 --out {out / 'hybrid'} --seed 0 --json --threads 1")
+    # one thread for every stage, recorded where a stage reports it
+    assert all(c.split().count("--threads") == 1 and "--threads 1" in c for c in summary["commands"])
+    assert summary["parameters"]["threads"] == 1
     # the WER/SIM columns come from `mamtra eval` on the held-out list, which names its recogniser
     assert summary["commands"][-1].startswith("mamtra eval --list mini-heldout")
     assert summary["wer_sentences"] == 1 and summary["asr"] and teacher["wer"] is not None
