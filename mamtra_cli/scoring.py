@@ -2,11 +2,13 @@
 speech targets and eos, divided by their count over the whole file) and top-1 accuracy.
 
 Utterances are batched by length (longest first, as CosyVoice's padding does) so that padding is small;
-the totals do not depend on the batching because each row's CE is summed separately.
+the totals do not depend on the batching because each row's CE is summed separately. `score` is
+`mamtra score`: a model and a manifest file in, the numbers out.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -66,3 +68,30 @@ def score_utterances(model: SpeechLM, utts: list[Utterance], batch_size: int = 8
     return {"ce": ce_total / tokens_total, "accuracy": correct_total / tokens_total, "tokens": tokens_total,
             "utterances": len(utts), "ce_sum": ce_total,
             "per_utterance": {u.utt: per_utt[u.utt] for u in utts}}
+
+
+def score(model: str | Path, data: Path, batch_size: int = 8, config_json: Path | None = None,
+          threads: int | None = None, *, console=None) -> dict:
+    """`mamtra score`: load `model` (anything `load_teacher` takes: `mini`, a MamTra or CosyVoice 2 dir, an
+    llm.pt with `config_json`) and score it on the data manifest `data` (a JSONL file or a folder of shards).
+    Returns the result of `mamtra score --json`: ce, accuracy, tokens, utterances, per-utterance numbers and
+    the thread count. `console` (rich) shows the progress bar; default stderr."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from mamtra_cli.cli import apply_threads, check_threads, count_parameters, stderr_console
+    from mamtra_cli.data_manifest import read_manifest
+    from mamtra_cli.teachers import load_teacher
+
+    console = console or stderr_console()
+    check_threads(threads)
+    with console.status("loading model"):
+        lm, _ = load_teacher(str(model), config_json)
+    n_threads = apply_threads(threads, count_parameters(lm))
+    cfg = lm.config
+    _, utts = read_manifest(data, text_vocab=cfg.text_vocab_size, speech_vocab=cfg.speech_token_size)
+    check_utterance_lengths(utts, cfg.max_position_embeddings, str(data))  # before the progress bar starts
+    with Progress(TextColumn("scoring"), BarColumn(), TextColumn("{task.completed}/{task.total} utts"),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("score", total=len(utts))
+        result = score_utterances(lm, utts, batch_size, progress=lambda n: bar.advance(task, n))
+    return {"model": str(model), "data": str(data), **result, "threads": n_threads}

@@ -1,6 +1,7 @@
 """Shipped YAML profiles: hybrid layouts (`layouts/`), GPU cards (`gpu/`) and teacher architectures (`arch/`).
 
 Each is a small YAML file; a user can pass a path to their own file wherever a profile name is accepted.
+The folder sits at the top of the repository and installs as `mamtra_cli.profiles` (see pyproject.toml).
 """
 
 from __future__ import annotations

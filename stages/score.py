@@ -1,4 +1,5 @@
-"""`mamtra score`: teacher-forced cross-entropy and accuracy of a model on a data manifest."""
+"""`mamtra score`: teacher-forced cross-entropy and accuracy of a model on a data manifest
+(`mamtra_cli.scoring.score`)."""
 
 from __future__ import annotations
 
@@ -24,28 +25,11 @@ def score(
     """
     import json
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from mamtra_cli.scoring import score as score_model
 
-    from mamtra_cli.cli import apply_threads, check_threads, count_parameters, stderr_console
-    from mamtra_cli.data_manifest import read_manifest
-    from mamtra_cli.scoring import check_utterance_lengths, score_utterances
-    from mamtra_cli.teachers import load_teacher
-
-    console = stderr_console()
-    check_threads(threads)
-    with console.status("loading model"):
-        lm, info = load_teacher(model, config_json)
-    n_threads = apply_threads(threads, count_parameters(lm))
-    cfg = lm.config
-    _, utts = read_manifest(data, text_vocab=cfg.text_vocab_size, speech_vocab=cfg.speech_token_size)
-    check_utterance_lengths(utts, cfg.max_position_embeddings, str(data))  # before the progress bar starts
-    with Progress(TextColumn("scoring"), BarColumn(), TextColumn("{task.completed}/{task.total} utts"),
-                  TimeRemainingColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("score", total=len(utts))
-        result = score_utterances(lm, utts, batch_size, progress=lambda n: bar.advance(task, n))
-    result = {"model": str(model), "data": str(data), **result, "threads": n_threads}
+    result = score_model(model, data, batch_size=batch_size, config_json=config_json, threads=threads)
     if json_out:
         print(json.dumps(result))
     else:
         print(f"model\t{model}\nce\t{result['ce']:.6f}\naccuracy\t{result['accuracy']:.6f}\ntokens\t{result['tokens']}\n"
-              f"utterances\t{result['utterances']}\nthreads\t{n_threads}")
+              f"utterances\t{result['utterances']}\nthreads\t{result['threads']}")

@@ -16,53 +16,13 @@ stderr, and --json is refused with it).
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from mamtra_cli.errors import UserError
 from mamtra_cli.cli import THREADS_HELP
-from mamtra_cli.synthesis.loading import check_model_exists, default_reference, resolve_backend, synthesis_device
-from mamtra_cli.synthesis.references import ListItem, check_reference, read_seedtts_list
-from mamtra_cli.synthesis.wavfile import WavWriter
-
-
-def _peak_memory(device) -> tuple[float, str]:
-    import resource
-
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "ru_maxrss"
-
-
-def _synthesize_one(backend, text: str, ref: Path, ref_text: Optional[str], out: Path, seed: int,
-                    stream: bool, force: bool = False) -> dict:
-    """Prompt + synthesis of one utterance into `out`; returns its report (times in seconds)."""
-    backend.stats.reset()
-    t0 = time.perf_counter()
-    prompt = backend.prepare_prompt(ref, ref_text)
-    first_chunk = None
-    chunks = 0
-    with WavWriter(out, backend.sample_rate, force=force) as wav:
-        for chunk in backend.synthesize(text, prompt, seed=seed, stream=stream):
-            if first_chunk is None:
-                first_chunk = time.perf_counter() - t0
-            chunks += 1
-            wav.write(chunk)
-    wall = time.perf_counter() - t0
-    audio_s = wav.samples / backend.sample_rate
-    return {
-        "out": str(out), "mode": prompt.mode, "stream": stream, "seed": seed,
-        "samples": wav.samples, "sample_rate": backend.sample_rate, "audio_seconds": round(audio_s, 4),
-        "wall_seconds": round(wall, 4), "rtf": round(wall / audio_s, 4) if audio_s > 0 else None,
-        "first_chunk_seconds": round(first_chunk, 4) if first_chunk is not None else None, "chunks": chunks,
-        "stages": backend.stats.to_dict(),
-    }
+from mamtra_cli.errors import UserError
 
 
 def _stderr_report(console, r: dict, peak: tuple[float, str], load_s: float | None = None,
@@ -115,10 +75,12 @@ def synth(
     """
     import json
 
-    import torch
-
-    from mamtra_cli.cli import apply_threads, check_threads, count_parameters, stderr_console
-    from mamtra_cli.synthesis.backend import check_text, parse_dtype
+    from mamtra_cli.cli import check_threads, stderr_console
+    from mamtra_cli.synthesis.backend import check_text
+    from mamtra_cli.synthesis.loading import check_model_exists, voice_reference
+    from mamtra_cli.synthesis.references import ListItem, read_seedtts_list
+    from mamtra_cli.synthesis.synthesizer import load
+    from mamtra_cli.synthesis.wavfile import WavWriter
 
     console = stderr_console()
     check_threads(threads)
@@ -148,15 +110,7 @@ def synth(
             raise UserError("--out-dir is for --list; for one text use --out.")
         check_text(text)
         check_model_exists(model)  # before the reference: "pass --ref" would hide a mistyped --model
-        if ref is None:
-            default = default_reference(model, assets)
-            if default is None:
-                who = f"Model {model}" if model else "This installation's default voice"
-                raise UserError(f"{who} comes with no sample voice; pass --ref with a reference voice wav "
-                                "(a few seconds of speech).")
-            ref, default_text = default
-            ref_text = default_text if ref_text is None else ref_text
-        check_reference(ref)
+        ref, ref_text = voice_reference(model, assets, ref, ref_text)
         if out is None:
             raise UserError("Pass --out for the output wav (or --out - for stdout).")
         if not to_stdout:
@@ -166,35 +120,25 @@ def synth(
                 raise UserError(f"The folder of --out ({out.parent}) does not exist; create it first.")
         items = [ListItem(None, ref_text, ref, text)]
 
-    dev = torch.device(synthesis_device(model, assets, device))
-    dtype = None if lm_dtype == "auto" else parse_dtype(lm_dtype, "--lm-dtype")
-    if lm_dtype == "auto" and dev.type == "cpu":
-        dtype = torch.float32  # half-precision matmuls are slow on CPUs
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-
-    t_load = time.perf_counter()
     with console.status("loading models"):
-        backend = resolve_backend(model, assets, device=str(dev), lm_dtype=dtype, max_new_tokens=max_tokens)
-    load_s = time.perf_counter() - t_load
-    n_threads = apply_threads(threads, count_parameters(backend.lm))
+        tts = load(model, assets, device=device, lm_dtype=lm_dtype, max_tokens=max_tokens, threads=threads)
 
     reports = []
     if list_file is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     for it in items:
         target = out if it.utt is None else out_dir / f"{it.utt}.wav"
-        r = _synthesize_one(backend, it.text, it.ref, it.prompt_text, target, seed, stream, force)
+        r = tts.save(it.text, target, it.ref, it.prompt_text, seed=seed, stream=stream, force=force)
         if it.utt is not None:
             r["utt"] = it.utt
-        peak = _peak_memory(dev)
-        _stderr_report(console, r, peak, load_s if len(reports) == 0 else None,
-                       n_threads if len(reports) == 0 else None)
+        first = len(reports) == 0
+        _stderr_report(console, r, tts.peak_memory(), tts.load_seconds if first else None,
+                       tts.threads if first else None)
         reports.append(r)
 
-    peak = _peak_memory(dev)
-    summary = {"load_seconds": round(load_s, 4), "threads": n_threads, "peak_memory_mib": round(peak[0], 1), "memory_source": peak[1],
-               "backend": backend.describe()}
+    peak = tts.peak_memory()
+    summary = {"load_seconds": round(tts.load_seconds, 4), "threads": tts.threads, "peak_memory_mib": round(peak[0], 1),
+               "memory_source": peak[1], "backend": tts.describe()}
     if list_file is None:
         result = {**reports[0], **summary}
     else:

@@ -1,4 +1,5 @@
-"""`mamtra tiny-teacher`: write a tiny random-weight CosyVoice 2-format teacher directory."""
+"""`mamtra tiny-teacher`: write a tiny random-weight CosyVoice 2-format teacher directory
+(`mamtra_cli.teachers.tiny.write_tiny_teacher`)."""
 
 from __future__ import annotations
 
@@ -25,31 +26,8 @@ def tiny_teacher(
     The directory has the files of a real CosyVoice 2 model's speech LM (cosyvoice2.yaml, llm.pt,
     CosyVoice-BlankEN/config.json) and can be passed wherever a teacher is expected. Prints its path.
     """
-    from mamtra_cli import checkpoints
-    from mamtra_cli.teachers.tiny import make_tiny_cosyvoice2_dir
+    from mamtra_cli.teachers.tiny import write_tiny_teacher
 
-    intermediate = max(8, (hidden * 11) // 4)  # Qwen2.5-0.5B's 4864/896 is ~5.4; 176/64 = 2.75 keeps it tiny
-    params = {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads,
-              "intermediate": intermediate, "text_vocab": text_vocab, "speech_tokens": speech_tokens}
-    with checkpoints.staged_output(out, force) as tmp:
-        make_tiny_cosyvoice2_dir(tmp, seed=seed, **params)
-        manifest = checkpoints.run_manifest(
-            "tiny-teacher", inputs={}, parameters=params, seed=seed,
-            outputs={"llm_pt": "llm.pt", "config_json": "CosyVoice-BlankEN/config.json",
-                     "yaml": "cosyvoice2.yaml"})
-        if sample_data:
-            from mamtra_cli.data_manifest import ManifestHeader, write_manifest
-            from mamtra_cli.teachers import load_teacher
-            from mamtra_cli.teachers.tiny import sample_teacher_data
-
-            model, _ = load_teacher(tmp)
-            utts = sample_teacher_data(model, sample_data, seed=seed)
-            n_val = max(1, len(utts) // 10)
-            header = ManifestHeader(text_tokenizer={"name": "random-ids"},
-                                    speech_tokenizer={"name": f"tiny-teacher-seed{seed}"})
-            (tmp / "data").mkdir()
-            write_manifest(tmp / "data" / "train.jsonl", header, utts[n_val:])
-            write_manifest(tmp / "data" / "val.jsonl", header, utts[:n_val])
-            manifest["outputs"]["data"] = {"train": len(utts) - n_val, "val": n_val}
-        checkpoints.write_json_atomic(tmp / checkpoints.MANIFEST_FILE, manifest)
-    typer.echo(str(out))
+    typer.echo(str(write_tiny_teacher(out, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
+                                      text_vocab=text_vocab, speech_tokens=speech_tokens, seed=seed,
+                                      sample_data=sample_data, force=force)))

@@ -1,4 +1,5 @@
-"""`mamtra transfer`: turn a teacher into a hybrid by replacing attention layers with Mamba-2 layers."""
+"""`mamtra transfer`: turn a teacher into a hybrid by replacing attention layers with Mamba-2 layers
+(`mamtra_cli.weight_transfer.transfer_to_dir`)."""
 
 from __future__ import annotations
 
@@ -30,64 +31,13 @@ def transfer(
     """
     import json
 
-    from rich.markup import escape
+    from mamtra_cli.weight_transfer import transfer_to_dir
 
-    import profiles
-    from mamtra_cli import checkpoints
-    from mamtra_cli.cli import apply_threads, check_threads, count_parameters, stderr_console
-    from mamtra_cli.errors import UserError
-    from mamtra_cli.models.speech_lm import parameter_counts
-    from mamtra_cli.teachers import load_teacher
-    from mamtra_cli.transfer import (INITS, attention_layers_for, parse_layer_list, parse_ratio,
-                                     transfer as do_transfer)
-
-    console = stderr_console()
-    check_threads(threads)
-    if init not in INITS:
-        raise UserError(f"Unknown --init {init!r}; use one of {', '.join(INITS)}.")
-    if sum(x is not None for x in (ratio, profile, attention_layers)) != 1:
-        raise UserError("Give exactly one of --ratio, --profile or --attention-layers.")
-    checkpoints.check_output_dir(out, force)
-    k = parse_ratio(ratio) if ratio is not None else None
-
-    with console.status("loading teacher"):
-        model, info = load_teacher(teacher, config_json)
-    n_threads = apply_threads(threads, count_parameters(model))
-    n = model.config.num_layers
-    if attention_layers is not None:
-        layers = parse_layer_list(attention_layers, n)
-        placement_used = "explicit"
-    elif profile is not None:
-        prof = profiles.load("layouts", profile)
-        if prof.get("num_layers") != n:
-            raise UserError(f"Profile {profile!r} is for {prof.get('num_layers')} layers but the teacher has {n}; "
-                            f"use --ratio {prof.get('ratio', '1:k')} instead.")
-        layers = parse_layer_list(",".join(map(str, prof["attention_layers"])), n)
-        placement_used = prof.get("placement", "explicit")
-    else:
-        layers = attention_layers_for(n, k, placement)
-        placement_used = placement
-
-    with console.status(f"transferring ({init} init)"):
-        student, records = do_transfer(model, layers, init=init, seed=seed)
-    counts = parameter_counts(student)
-    summary = {
-        "out": str(out), "layer_types": student.config.layer_types, "attention_layers": layers,
-        "mamba_layers": student.config.mamba_layers, "init": init, "placement": placement_used,
-        "parameters": counts, "teacher_parameters": parameter_counts(model), "threads": n_threads,
-    }
-    manifest = checkpoints.run_manifest(
-        "transfer", inputs={"teacher": info}, seed=seed,
-        parameters={"ratio": ratio, "profile": profile, "placement": placement_used,
-                    "attention_layers": layers, "init": init},
-        outputs={"layers": records, "parameters": counts},
-    )
-    with checkpoints.staged_output(out, force) as tmp:
-        checkpoints.save_model_dir(tmp, student.config, student.state_dict(), manifest)
-    console.print(f"[green]wrote[/green] {escape(str(out))}: {len(layers)} attention + {len(student.config.mamba_layers)} "
-                  f"Mamba layers, {counts['total']:,} parameters")
+    summary = transfer_to_dir(teacher, out, ratio=ratio, profile=profile, placement=placement,
+                              attention_layers=attention_layers, init=init, config_json=config_json, seed=seed,
+                              threads=threads, force=force)
     if json_out:
         print(json.dumps(summary))
     else:
-        print(f"{out}\t{''.join('A' if t == 'attention' else 'M' for t in student.config.layer_types)}\t"
-              f"params={counts['total']}")
+        print(f"{out}\t{''.join('A' if t == 'attention' else 'M' for t in summary['layer_types'])}\t"
+              f"params={summary['parameters']['total']}")

@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from mamtra_cli import distill as kd
+from mamtra_cli import distillation as kd
 from mamtra_cli.cli import main
 from mamtra_cli.data_manifest import Utterance, write_manifest
 from mamtra_cli.errors import UserError
 from mamtra_cli.models.config import ModelConfig
 from mamtra_cli.models.speech_lm import IGNORE_ID, SpeechLM
 from mamtra_cli.scoring import pad_batch
-from mamtra_cli.transfer import transfer
+from mamtra_cli.weight_transfer import transfer
 
 TEXT_VOCAB, SPEECH = 64, 20
 

@@ -6,7 +6,7 @@ import torch
 from mamtra_cli.errors import UserError
 from mamtra_cli.teachers import load_teacher
 from mamtra_cli.teachers.tiny import make_tiny_cosyvoice2_dir
-from mamtra_cli.transfer import (attention_layers_for, in_proj_slices, parse_layer_list, parse_ratio,
+from mamtra_cli.weight_transfer import (attention_layers_for, in_proj_slices, parse_layer_list, parse_ratio,
                                  transfer)
 
 

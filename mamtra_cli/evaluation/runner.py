@@ -1,4 +1,6 @@
 """`evaluate`: speak every row of an evaluation list with each system, then score it: WER, SIM, and CE.
+`evaluate_list` is `mamtra eval`: it loads the list, the recogniser and the speaker model from their names and
+calls `evaluate` with a progress display.
 
 A *system* is one row of the report:
   - a model (`--model`): anything `mamtra synth --model` accepts (`mini`, a bundle, a mini voice or hybrid,
@@ -63,9 +65,11 @@ class System:
 
 
 def parse_systems(models: list[str], wavs: list[str], ground_truth: bool | None, codec: bool,
-                  lst: EvalList, assets: Path | None = None) -> list[System]:
+                  lst: EvalList, assets: Path | None = None, codecs: list[str] = ()) -> list[System]:
     """Rows from the options: --model [NAME=]SPEC, --wavs [NAME=]DIR, the ground truth (None: when the list
-    has one and, for a rendered one, espeak-ng is installed), the codec resynthesis."""
+    has one and, for a rendered one, espeak-ng is installed), the built-in codec's resynthesis (`codec`) and
+    that of other mini codec directories (--codec [NAME=]DIR: codec.yaml + codec.safetensors, e.g. from
+    `mamtra build-mini --phase codec`)."""
     from mamtra_cli.mini.corpus import espeak_path
 
     systems: list[System] = []
@@ -78,7 +82,7 @@ def parse_systems(models: list[str], wavs: list[str], ground_truth: bool | None,
             return name, value
         return default_name(spec), spec
 
-    needs_gt_audio = codec
+    needs_gt_audio = codec or bool(codecs)
     if ground_truth is None:
         ground_truth = lst.has_ground_truth and (not lst.espeak_speakers or espeak_path() is not None)
     if (ground_truth or needs_gt_audio) and not lst.has_ground_truth:
@@ -91,6 +95,12 @@ def parse_systems(models: list[str], wavs: list[str], ground_truth: bool | None,
         systems.append(System("ground truth" + (" (espeak-ng)" if lst.espeak_speakers else ""), "ground-truth"))
     if codec:
         systems.append(System("mini codec resynthesis", "codec"))
+    for spec in codecs:
+        name, value = split(spec, lambda s: f"codec {Path(s).name} resynthesis")
+        if not (Path(value) / "codec.yaml").is_file():
+            raise UserError(f"--codec {value} is not a mini codec directory (no codec.yaml); pass a mini voice or "
+                            "the codec folder of `mamtra build-mini`.")
+        systems.append(System(name, "codec", value))
     for spec in models:
         name, value = split(spec, lambda s: "mini" if s == "mini" else Path(s).name or s)
         systems.append(System(name, "model", value, assets))
@@ -157,7 +167,9 @@ def _fingerprint(system: System) -> dict:
     if system.kind == "wavs":
         return {"wavs": str(Path(system.source).resolve())}
     if system.kind == "codec":
-        return {"codec": _dir_fingerprint(BUILTIN_DIR / "codec.safetensors")}
+        folder = Path(system.source) if system.source else BUILTIN_DIR
+        return {"codec": _dir_fingerprint(folder / "codec.safetensors"),
+                "codec_yaml": _dir_fingerprint(folder / "codec.yaml")}
     import subprocess
 
     from mamtra_cli.mini.corpus import espeak_path
@@ -392,7 +404,7 @@ def _producer(system: System, lst: EvalList, wav_dir: Path, seed: int, max_token
             from mamtra_cli.mini import BUILTIN_DIR
             from mamtra_cli.mini.codec import MiniCodec
 
-            codec = MiniCodec.load(BUILTIN_DIR)
+            codec = MiniCodec.load(Path(system.source) if system.source else BUILTIN_DIR)
 
         def from_truth(i: int, it: ListItem):
             got = render_ground_truth(lst, it)
@@ -468,3 +480,72 @@ def format_table(result: dict) -> str:
     for k, v in result["files"].items():
         lines.append(f"{k}: {v}")
     return "\n".join(lines)
+
+
+def evaluate_list(list_spec: str | Path, out: Path, model: list[str] | str = (), wavs: list[str] | str = (),
+                  assets: Path | None = None, ground_truth: bool | None = None, codec_resynthesis: bool = False,
+                  asr: str = "auto", sim: str = "auto", normalizer: str | None = None, data: str | Path | None = None,
+                  limit: int = 0, seed: int = 0, max_tokens: int | None = None, batch_size: int = 1,
+                  threads: int = 1, codec: list[str] | str = (), *, console=None) -> dict:
+    """`mamtra eval`: load the list `list_spec` (a Seed-TTS-eval list file, or the built-in `mini-heldout`), the
+    recogniser `asr` and the speaker model `sim`, then `evaluate` every system — each `model` ([NAME=]MODEL, as
+    `mamtra synth --model`), each `wavs` folder ([NAME=]DIR), the ground truth and, with `codec_resynthesis`,
+    the mini codec's resynthesis of it (and that of each other mini codec directory in `codec`) — into `out`. The keyword arguments are the options of `mamtra eval`
+    (its --help explains each). Returns the summary (also out/summary.json). `console` (rich) gets the
+    progress; default stderr."""
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mamtra_cli.cli import check_threads
+    from mamtra_cli.evaluation.asr import load_asr
+    from mamtra_cli.evaluation.lists import load_eval_list
+    from mamtra_cli.evaluation.speaker import load_speaker_model
+
+    console = console or Console(stderr=True, soft_wrap=True)  # a log file gets whole lines, never hard-wrapped ones
+    model = [model] if isinstance(model, (str, Path)) else [str(m) for m in model]
+    wavs = [wavs] if isinstance(wavs, (str, Path)) else [str(w) for w in wavs]
+    assets = None if assets is None else Path(assets)
+    data = None if data is None else str(data)
+    check_threads(threads)
+    torch.set_num_threads(max(1, threads))
+    lst = load_eval_list(str(list_spec))
+    data_path = None
+    if data is not None:
+        data_path = lst.data_manifest if data == lst.name and lst.data_manifest else Path(data)
+        if not data_path.exists():
+            raise UserError(f"--data {data} does not exist; pass a token manifest (JSONL) or the built-in list's name.")
+    if assets is not None and str(assets) != "mini" and not assets.is_dir():
+        raise UserError(f"--assets {assets} is not a directory; pass mini or a CosyVoice 2 model directory.")
+    codec = [codec] if isinstance(codec, (str, Path)) else [str(c) for c in codec]
+    systems = parse_systems(model, wavs, ground_truth, codec_resynthesis, lst, assets, codec)
+    check_system_inputs(lst, systems, limit or None)
+    with console.status("loading the recogniser and the speaker model"):
+        recogniser = load_asr(asr, threads=max(1, threads), batch_size=batch_size)
+        dirs = [Path(a) for a in [assets] if a is not None and str(a) != "mini"]
+        dirs += [Path(s.source) for s in systems if s.kind == "model" and s.source != "mini"]
+        speaker = load_speaker_model(sim, threads=max(1, threads), candidates=dirs)
+    n = min(limit, len(lst.items)) if limit else len(lst.items)
+    sim_note = speaker.describe()["name"] if speaker else (
+        "not measured (install mamtra[eval] for the GE2E encoder, or pass --sim)" if sim == "auto" else "none")
+    console.print(f"{lst.name}: {n} rows × {len(systems)} systems · ASR {recogniser.describe()['name']} · SIM "
+                  f"{sim_note}", highlight=False, markup=False)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False, disable=not console.is_terminal) as bar:
+        tasks: dict[str, int] = {}
+        last_logged: dict[str, int] = {}
+
+        def progress(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total)
+            bar.update(tasks[name], completed=done)
+            # Without a terminal the bar is hidden: a line every tenth of the work instead.
+            if not console.is_terminal and (done == total or done - last_logged.get(name, 0) >= max(1, total // 10)):
+                last_logged[name] = done
+                console.print(f"{name}: {done}/{total}", highlight=False)
+
+        result = evaluate(lst, systems, out, recogniser, speaker, normalizer_name=normalizer, data=data_path,
+                          seed=seed, limit=limit or None, max_tokens=max_tokens,
+                          log=lambda m: console.print(m, highlight=False, markup=False), progress=progress)
+    return result

@@ -2,7 +2,8 @@
 12-layer all-attention teacher with CosyVoice 2 semantics, so the whole pipeline runs on a CPU out of the box.
 
 Modules: `corpus` (sentences + espeak-ng rendering), `codec` (mel k-means tokens, decoder, Griffin-Lim),
-`text` (character tokenizer), `train` (teacher training loop), `backend` (`MiniBackend` for `mamtra synth`).
+`text` (character tokenizer), `train` (teacher training loop), `backend` (`MiniBackend` for `mamtra synth`),
+`build` (the whole rebuild, `mamtra build-mini`).
 Its intelligibility is measured by `mamtra eval --list mini-heldout` (`mamtra_cli.evaluation`).
 """
 

@@ -331,7 +331,7 @@ class CosyVoice2Backend(SynthesisBackend):
     @classmethod
     def from_bundle(cls, bundle: Path, device="cpu", lm_dtype: torch.dtype | None = None,
                     max_new_tokens: int | None = None) -> "CosyVoice2Backend":
-        """A bundle written by `mamtra export` (see stages/export.py for its layout)."""
+        """A bundle written by `mamtra export` (layout: "Bundles" below; written by mamtra_cli.synthesis.export)."""
         bundle = Path(bundle)
         spec = read_bundle(bundle)
         lm, flow, hift = load_bundle_models(bundle, spec, device=device, lm_dtype=lm_dtype)

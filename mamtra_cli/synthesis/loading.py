@@ -154,3 +154,22 @@ def default_reference(model: Optional[str], assets: Optional[Path]) -> Optional[
             txt = d / "sample_voice.txt"
             return wav, (txt.read_text().strip() or None) if txt.is_file() else None
     return None
+
+
+def voice_reference(model: Optional[str], assets: Optional[Path], ref: Optional[Path] = None,
+                    ref_text: Optional[str] = None) -> tuple[Path, Optional[str]]:
+    """(wav, transcript) to speak in: `ref` and `ref_text` as given, or else the sample voice of --model /
+    --assets with its transcript (unless `ref_text` is given); a UserError when there is none. The wav is
+    checked (exists, readable, at most 30 s) before any model is loaded."""
+    from mamtra_cli.synthesis.references import check_reference
+
+    if ref is None:
+        default = default_reference(model, assets)
+        if default is None:
+            who = f"Model {model}" if model else "This installation's default voice"
+            raise UserError(f"{who} comes with no sample voice; pass --ref with a reference voice wav "
+                            "(a few seconds of speech).")
+        ref, default_text = default
+        ref_text = default_text if ref_text is None else ref_text
+    check_reference(Path(ref))
+    return Path(ref), ref_text

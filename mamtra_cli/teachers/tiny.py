@@ -13,7 +13,8 @@ directory holds for its speech LM:
                                     differ from llm.pt, which replaces them
 
 Weights: norms 1 + 0.1·randn, everything else N(0, 0.02), in CosyVoice's parameter order, from one
-generator seeded with `seed` (deterministic).
+generator seeded with `seed` (deterministic). `write_tiny_teacher` is `mamtra tiny-teacher`: such a
+directory with a manifest, and optionally data manifests sampled from it.
 """
 
 from __future__ import annotations
@@ -244,3 +245,36 @@ def sample_teacher_data(model, n_utterances: int, seed: int = 0, min_text: int =
             if s:
                 utts.append(Utterance(utt=f"tiny{start + i:05d}", text_tokens=t, speech_tokens=s))
     return utts
+
+
+def write_tiny_teacher(out: Path, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                       text_vocab: int = 512, speech_tokens: int = 100, seed: int = 0, sample_data: int = 0,
+                       force: bool = False) -> Path:
+    """`mamtra tiny-teacher`: `make_tiny_cosyvoice2_dir` into the directory `out` (written through a temporary
+    sibling, with a manifest.json), plus, with `sample_data` N > 0, data/train.jsonl and data/val.jsonl with N
+    utterances sampled from the teacher (a 90/10 split). Returns `out`."""
+    from mamtra_cli import checkpoints
+    from mamtra_cli.data_manifest import ManifestHeader, write_manifest
+    from mamtra_cli.teachers import load_teacher
+
+    intermediate = max(8, (hidden * 11) // 4)  # Qwen2.5-0.5B's 4864/896 is ~5.4; 176/64 = 2.75 keeps it tiny
+    params = {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads,
+              "intermediate": intermediate, "text_vocab": text_vocab, "speech_tokens": speech_tokens}
+    with checkpoints.staged_output(out, force) as tmp:
+        make_tiny_cosyvoice2_dir(tmp, seed=seed, **params)
+        manifest = checkpoints.run_manifest(
+            "tiny-teacher", inputs={}, parameters=params, seed=seed,
+            outputs={"llm_pt": "llm.pt", "config_json": "CosyVoice-BlankEN/config.json",
+                     "yaml": "cosyvoice2.yaml"})
+        if sample_data:
+            model, _ = load_teacher(tmp)
+            utts = sample_teacher_data(model, sample_data, seed=seed)
+            n_val = max(1, len(utts) // 10)
+            header = ManifestHeader(text_tokenizer={"name": "random-ids"},
+                                    speech_tokenizer={"name": f"tiny-teacher-seed{seed}"})
+            (tmp / "data").mkdir()
+            write_manifest(tmp / "data" / "train.jsonl", header, utts[n_val:])
+            write_manifest(tmp / "data" / "val.jsonl", header, utts[:n_val])
+            manifest["outputs"]["data"] = {"train": len(utts) - n_val, "val": n_val}
+        checkpoints.write_json_atomic(tmp / checkpoints.MANIFEST_FILE, manifest)
+    return Path(out)

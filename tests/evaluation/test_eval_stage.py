@@ -248,3 +248,24 @@ def test_cosyvoice2_bundle_and_directory_at_24_khz(tmp_path, capsys):
         assert sr == 24000 and wav.size / sr == pytest.approx(r["audio_seconds"], abs=1e-3)
         assert r["sim"] is not None and -1 <= r["sim"] <= 1
     # the second row has no prompt transcript: cross-lingual prompting, as `mamtra synth` without --ref-text
+
+
+@needs_eval
+@needs_espeak
+def test_codec_directory_row_equals_the_builtin_codec_row(tmp_path, capsys):
+    codec_dir = tmp_path / "codec-copy"
+    codec_dir.mkdir()
+    for name in ("codec.yaml", "codec.safetensors"):
+        shutil.copy(BUILTIN_DIR / name, codec_dir / name)
+    code, stdout, err = run(["eval", "--list", "mini-heldout", "--no-ground-truth", "--codec-resynthesis", "--codec",
+                             f"copy={codec_dir}", "--sim", "none", "--limit", "2", "--out", str(tmp_path / "ev"),
+                             "--json"], capsys)
+    assert code == 0, err
+    builtin, copy = json.loads(stdout)["systems"]
+    assert copy["name"] == "copy" and copy["wer"] == builtin["wer"] and copy["errors"] == builtin["errors"]
+    rec = [json.loads(line) for line in (tmp_path / "ev" / "utterances.jsonl").read_text().splitlines()]
+    a = {r["utt"]: r["wav"] for r in rec if r["system"] == "mini codec resynthesis"}
+    b = {r["utt"]: r["wav"] for r in rec if r["system"] == "copy"}
+    assert all(np.array_equal(sf.read(a[u])[0], sf.read(b[u])[0]) for u in a)
+    code, _, err = run(["eval", "--list", "mini-heldout", "--codec", str(tmp_path), "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "not a mini codec directory" in err

@@ -47,7 +47,7 @@ def test_cross_lingual_prompt_has_no_lm_prompt(backend):
 def test_hybrid_from_transfer_speaks_through_the_backend(tmp_path, backend):
     from mamtra_cli import checkpoints
     from mamtra_cli.mini.backend import MiniBackend
-    from mamtra_cli.transfer import attention_layers_for, transfer
+    from mamtra_cli.weight_transfer import attention_layers_for, transfer
 
     student, _ = transfer(backend.lm, attention_layers_for(12, 3, "uniform"))  # 1:3 → 3 attention layers
     checkpoints.save_model_dir(tmp_path, student.config, student.state_dict(), {"stage": "test"})

@@ -16,7 +16,7 @@ def test_build_mini_toy_end_to_end(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from stages.build_mini import TOY_CYCLES, build_mini
+    from mamtra_cli.stages.build_mini import TOY_CYCLES, build_mini
 
     app = typer.Typer()
     app.command()(build_mini)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mamtra_cli import distill as kd
+from mamtra_cli import distillation as kd
 from mamtra_cli.checkpoints import WEIGHTS_FILE, load_foreign_checkpoint
 from mamtra_cli.cli import main
 from mamtra_cli.data_manifest import Utterance, write_manifest

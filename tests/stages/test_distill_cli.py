@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mamtra_cli import distill as kd
+from mamtra_cli import distillation as kd
 from mamtra_cli.cli import main
 from mamtra_cli.data_manifest import Utterance, write_manifest
 from mamtra_cli.teachers import load_teacher

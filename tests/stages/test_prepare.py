@@ -16,7 +16,7 @@ pytest.importorskip("kaldi_native_fbank")
 from mamtra_cli import cli
 from mamtra_cli.checkpoints import file_fingerprint
 from mamtra_cli.data_manifest import read_manifest
-from stages import prepare as prep
+from mamtra_cli.data import prepare as prep
 from tests.frontend.standins import write_assets
 
 GOOD_LTTS = {  # utt -> (seconds, sample rate, channels)
@@ -69,7 +69,7 @@ def libritts(tmp_path_factory):
 def run(argv, monkeypatch):
     """Through the real CLI; registers the stage like its entry point until the package is installed."""
     if not any(ep.name == "prepare" for ep in entry_points(group=cli.ENTRY_POINT_GROUP)):
-        ep = EntryPoint(name="prepare", value="stages.prepare:prepare", group=cli.ENTRY_POINT_GROUP)
+        ep = EntryPoint(name="prepare", value="mamtra_cli.stages.prepare:prepare", group=cli.ENTRY_POINT_GROUP)
         monkeypatch.setattr(cli, "entry_points", lambda group: [ep])
     return cli.main(["prepare", *map(str, argv)])
 
@@ -224,7 +224,7 @@ def test_parquet_and_seedtts_sources(tmp_path, assets, monkeypatch, capsys):
     assert {u.utt: u.text for u in utts}["a1"] == '"hello" world'
     # Without normalisation only whitespace is collapsed (CosyVoice's recipes); called directly here.
     prep.prepare("cosyvoice-parquet", pdir, tmp_path / "raw", tokenizer_dir=assets / "CosyVoice-BlankEN",
-                 val_fraction=0.0, normalize_text=False, json_out=True)
+                 val_fraction=0.0, normalize_text=False)
     capsys.readouterr()
     _, raw = read_manifest(tmp_path / "raw" / "train")
     assert {u.utt: u.text for u in raw}["a1"] == "\u201chello\u201d world"

@@ -66,7 +66,7 @@ def test_a_partial_with_finished_shards_is_kept_for_resuming(corpus, tmp_path, m
     front end, made to fail after the plan has matched them), and a later run reuses them."""
     from mamtra_cli.cli import main
     from mamtra_cli.errors import UserError
-    from stages import prepare as prep
+    from mamtra_cli.data import prepare as prep
 
     out = tmp_path / "data"
     ok = prepare(corpus, out, "assets", 1)

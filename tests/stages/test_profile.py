@@ -14,8 +14,8 @@ from mamtra_cli import profiling as P
 from mamtra_cli.cli import main
 from mamtra_cli.models.cache import HybridCache, analytic_cache_bytes
 from mamtra_cli.models.config import ATTENTION, MAMBA
-from stages.cache_growth import crossover_tokens
-from stages.profile_vram import eval_list_lengths, estimate_speech_tokens, estimate_text_tokens, plan_on_gpu
+from mamtra_cli.profiling.cache_growth import crossover_tokens
+from mamtra_cli.profiling.vram import eval_list_lengths, estimate_speech_tokens, estimate_text_tokens, plan_on_gpu
 
 TINY_ARCH = """name: tiny
 config:

@@ -407,7 +407,7 @@ def test_tiny_teacher_stage(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from stages.tiny_teacher import tiny_teacher
+    from mamtra_cli.stages.tiny_teacher import tiny_teacher
 
     app = typer.Typer()
     app.command()(tiny_teacher)

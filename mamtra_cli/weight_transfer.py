@@ -9,12 +9,16 @@ Init. `reused`: for each replaced layer C ← W_Q (+ Q bias), B ← W_K (+ K bia
 out_proj ← W_O; z, dt, dt_bias, A_log, D, conv, gate norm get Mamba's usual init. `xavier` / `kaiming`
 (the Fig. 6 ablations): in_proj and out_proj drawn fresh instead. Everything outside the replaced mixers —
 embeddings, head, MLPs, both norms of every layer, kept attention layers — is copied bit for bit.
+
+`transfer` works on a model in memory; `transfer_to_dir` is `mamtra transfer`: teacher in, hybrid model
+directory out (config.yaml, model.safetensors, manifest.json).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -157,3 +161,75 @@ def _init_fresh(mixer, init: str, gen: torch.Generator) -> None:
 def count_changed_layers(teacher: nn.Module, student: nn.Module) -> list[int]:
     return [i for i, (a, b) in enumerate(zip(teacher.backbone.layers, student.backbone.layers))
             if a.layer_type != b.layer_type]
+
+
+# ------------------------------------------------------------------------------------------- a model directory
+def transfer_to_dir(teacher: str | Path, out: Path, ratio: str | None = None, profile: str | None = None,
+                    placement: str = "uniform", attention_layers: str | list[int] | None = None, init: str = "reused",
+                    config_json: Path | None = None, seed: int = 0, threads: int | None = None, force: bool = False,
+                    *, console=None) -> dict:
+    """`mamtra transfer`: load `teacher` (`mini`, a CosyVoice 2 dir, an llm.pt with `config_json`, or a MamTra
+    model dir), replace some attention layers with Mamba-2 layers initialised from them, and write the hybrid
+    to the model directory `out`. Returns the summary that `mamtra transfer --json` prints.
+
+    Exactly one of `ratio` ("1:k", laid out by `placement`), `profile` (a layout profile name or YAML path)
+    or `attention_layers` (indices, as a list or "3,7,11") says which layers stay attention. `init`: reused
+    (C←Q, B←K, x←V, out←O) | xavier | kaiming; `seed` draws the fresh Mamba parameters. `console` (rich)
+    gets progress and the final line; default stderr.
+    """
+    from rich.markup import escape
+
+    from mamtra_cli import checkpoints, profiles
+    from mamtra_cli.cli import apply_threads, check_threads, count_parameters, stderr_console
+    from mamtra_cli.models.speech_lm import parameter_counts
+    from mamtra_cli.teachers import load_teacher
+
+    console = console or stderr_console()
+    out = Path(out)
+    check_threads(threads)
+    if init not in INITS:
+        raise UserError(f"Unknown --init {init!r}; use one of {', '.join(INITS)}.")
+    if sum(x is not None for x in (ratio, profile, attention_layers)) != 1:
+        raise UserError("Give exactly one of --ratio, --profile or --attention-layers.")
+    if attention_layers is not None and not isinstance(attention_layers, str):
+        attention_layers = ",".join(str(i) for i in attention_layers)
+    checkpoints.check_output_dir(out, force)
+    k = parse_ratio(ratio) if ratio is not None else None
+
+    with console.status("loading teacher"):
+        model, info = load_teacher(str(teacher), config_json)
+    n_threads = apply_threads(threads, count_parameters(model))
+    n = model.config.num_layers
+    if attention_layers is not None:
+        layers = parse_layer_list(attention_layers, n)
+        placement_used = "explicit"
+    elif profile is not None:
+        prof = profiles.load("layouts", profile)
+        if prof.get("num_layers") != n:
+            raise UserError(f"Profile {profile!r} is for {prof.get('num_layers')} layers but the teacher has {n}; "
+                            f"use --ratio {prof.get('ratio', '1:k')} instead.")
+        layers = parse_layer_list(",".join(map(str, prof["attention_layers"])), n)
+        placement_used = prof.get("placement", "explicit")
+    else:
+        layers = attention_layers_for(n, k, placement)
+        placement_used = placement
+
+    with console.status(f"transferring ({init} init)"):
+        student, records = transfer(model, layers, init=init, seed=seed)
+    counts = parameter_counts(student)
+    summary = {
+        "out": str(out), "layer_types": student.config.layer_types, "attention_layers": layers,
+        "mamba_layers": student.config.mamba_layers, "init": init, "placement": placement_used,
+        "parameters": counts, "teacher_parameters": parameter_counts(model), "threads": n_threads,
+    }
+    manifest = checkpoints.run_manifest(
+        "transfer", inputs={"teacher": info}, seed=seed,
+        parameters={"ratio": ratio, "profile": profile, "placement": placement_used,
+                    "attention_layers": layers, "init": init},
+        outputs={"layers": records, "parameters": counts},
+    )
+    with checkpoints.staged_output(out, force) as tmp:
+        checkpoints.save_model_dir(tmp, student.config, student.state_dict(), manifest)
+    console.print(f"[green]wrote[/green] {escape(str(out))}: {len(layers)} attention + {len(student.config.mamba_layers)} "
+                  f"Mamba layers, {counts['total']:,} parameters")
+    return summary

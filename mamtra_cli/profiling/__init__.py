@@ -1,5 +1,7 @@
-"""Shared machinery of the `mamtra profile …` stages: which models to profile, how to build them, the
-workloads that are measured, and how memory, time and bandwidth are measured and written out.
+"""Shared machinery of the `mamtra profile …` runs: which models to profile, how to build them, the
+workloads that are measured, and how memory, time and bandwidth are measured and written out. The runs
+themselves, one module per command, each returning its `--json` result and formatting its table:
+`cache_growth`, `vram`, `speed`, `scan`; `__main__` is the CPU peak-memory worker.
 
 Models. `--model DIR …` takes anything `load_teacher` accepts. `--arch NAME --ratio 1:1,1:3` builds
 architecture-identical models with random weights and nothing on disk: the teacher (all attention) from
@@ -101,7 +103,7 @@ class ModelSpec:
 
 def arch_config(name_or_path: str) -> ModelConfig:
     """The all-attention teacher config of an arch profile (`profiles/arch/*.yaml` or a YAML path)."""
-    import profiles
+    from mamtra_cli import profiles
 
     prof = profiles.load("arch", name_or_path)
     cfg = dict(prof.get("config") or {})
@@ -114,16 +116,21 @@ def arch_config(name_or_path: str) -> ModelConfig:
 
 def hybrid_config(teacher: ModelConfig, k: int) -> ModelConfig:
     """1:k hybrid of `teacher` with uniform placement (attention last in each group of k+1)."""
-    from mamtra_cli.transfer import attention_layers_for, layer_types_from
+    from mamtra_cli.weight_transfer import attention_layers_for, layer_types_from
 
     n = teacher.num_layers
     return teacher.with_layer_types(layer_types_from(n, attention_layers_for(n, k, "uniform")))
 
 
-def resolve_specs(models: list[str] | None, arch: str | None, ratios: str | None, seed: int = 0,
+def resolve_specs(models: list[str] | str | Path | None, arch: str | None, ratios: str | None, seed: int = 0,
                   shrink_text: bool = True) -> list[ModelSpec]:
-    """The models of one profiling run: `--model` paths, or `--arch` + `--ratio` (teacher first)."""
-    from mamtra_cli.transfer import parse_ratio
+    """The models of one profiling run: `--model` paths (one, or a list), or `--arch` + `--ratio` (teacher
+    first)."""
+    from mamtra_cli.weight_transfer import parse_ratio
+
+    if isinstance(models, (str, Path)):
+        models = [models]
+    models = [str(m) for m in models] if models else None
 
     if bool(models) == (arch is not None):
         raise UserError("Give either --model DIR (repeatable) or --arch NAME [--ratio 1:1,1:3,…], not both "
@@ -497,7 +504,9 @@ def measure_peak(spec: ModelSpec, workload: str | type, kwargs: dict, device: st
     # would park freed tensors in the heap), so RSS follows the live tensors rather than allocator history.
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    # The folder that holds mamtra_cli/ (this file is mamtra_cli/profiling/__init__.py), so that the worker
+    # imports this very copy of the package.
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-m", "mamtra_cli.profiling"], input=json.dumps(payload),
                           capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
@@ -674,7 +683,3 @@ def plot_bars(path: Path, groups: list[str], series: dict[str, list[float]], xla
 def mb(nbytes: float) -> float:
     """Bytes → MB (1e6), the unit of the tables and figures."""
     return nbytes / 1e6
-
-
-if __name__ == "__main__":  # the CPU peak-memory worker: one JSON payload on stdin, one JSON line out
-    print(json.dumps(_cpu_worker(json.loads(sys.stdin.read()))))

@@ -1,0 +1,424 @@
+"""Rebuilding the built-in offline "mini" voice from scratch (corpus → codec → teacher): `build_mini`, the
+work of `mamtra build-mini`.
+
+The defaults are the recipe that made the shipped voice: 20,000 training sentences in 8 voices; a codec (k-means
+codebook and decoder) fitted on the first 3,000 of them and used to tokenise all; a 12-layer teacher (hidden
+128, batch 32, AdamW weight decay 0.05, betas (0.9, 0.98), clip 1.0, 15 % of its input speech tokens replaced
+by random codes) trained in two cosine cycles, 26.5 minutes at peak lr 2.5e-3 then a warm restart from the
+best checkpoint for 90 minutes at 1.5e-3, on 2 threads (`threads=2`; the default, 0, picks 1 thread for a
+model this small, which a loaded machine runs faster), validated every 150 steps on the first 100 training
+utterances.
+
+Phases, each cached in `work` (a phase whose marker records the same parameters is reused, so an
+interrupted build resumes; rendering and training are the slow parts):
+  1. corpus    espeak-ng speaks the grammar's sentences in `voices` training voices (+ 2 held-out voices for
+               the test set and the sample reference)                                   work/corpus/
+  2. codebook  log-mel features of the first `codec_sentences` training utterances, k-means over frame
+               pairs → 25 Hz tokens                                                     work/codec/
+  3. manifests tokens of every utterance (features computed on the fly, not kept)      work/data/
+  4. decoder   the codec's conv decoder (centroid mel → normalised log-magnitude), trained on the same
+               `codec_sentences` utterances                                             work/codec/
+  5. teacher   12-layer all-attention SpeechLM on the manifests, one checkpoint per `cycles` cycle (its
+               best by validation loss, where the next cycle starts)                    work/teacher/
+Output: a model directory (config.yaml, model.safetensors, manifest.json) that also holds text_vocab.json,
+codec.yaml, codec.safetensors, sample_voice.wav and sample_voice.txt — the layout of
+mamtra_cli/builtin/mini/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# The shipped voice: 26.5 minutes at peak lr 2.5e-3 (150 warm-up steps), then a warm restart from that
+# cycle's best weights for 90 minutes at 1.5e-3 (50 warm-up steps; a fresh optimizer).
+DEFAULT_CYCLES = "26.5m:2.5e-3:150,90m:1.5e-3:50"
+# --toy: two cycles of 15 steps, so that the warm restart is exercised by the smoke test.
+TOY_CYCLES = "15:2e-3:5,15:1e-3:5"
+TEACHER_WEIGHT_DECAY = 0.05
+KMEANS_ITERS, KMEANS_FRAMES = 25, 150_000
+
+
+def _log(msg: str) -> None:
+    print(f"[build-mini] {msg}", file=sys.stderr, flush=True)
+
+
+def _marker_ok(path: Path, params: dict) -> bool:
+    return path.is_file() and json.loads(path.read_text()).get("parameters") == params
+
+
+def _write_marker(path: Path, params: dict, **extra) -> None:
+    path.write_text(json.dumps({"parameters": params, **extra}, indent=1) + "\n")
+
+
+def _file_sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _tensor_sha(t) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _save_weights(module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+
+
+def _load_weights(module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    module.load_state_dict(load_file(str(path)))
+
+
+# ---------------------------------------------------------------------------------------------- cycles
+@dataclass(frozen=True)
+class Cycle:
+    """One cosine cycle of teacher training: linear warm-up to `peak_lr`, cosine to 10 % of it over the budget
+    (minutes of wall clock or optimizer steps, exactly one of them set)."""
+
+    minutes: float | None
+    steps: int | None
+    peak_lr: float
+    warmup: int
+
+    @property
+    def budget(self) -> str:
+        return f"{self.minutes:g}m" if self.minutes is not None else str(self.steps)
+
+    def describe(self) -> dict:
+        return {"budget": self.budget, "peak_lr": self.peak_lr, "warmup": self.warmup}
+
+
+def parse_cycles(text: str) -> list[Cycle]:
+    """'26.5m:2.5e-3:150,90m:1.5e-3:50' → cycles (BUDGET:PEAK_LR:WARMUP, budget `Nm` minutes or `N` steps)."""
+    from mamtra_cli.errors import UserError
+
+    cycles = []
+    for i, part in enumerate(text.split(","), 1):
+        fields = [f.strip() for f in part.split(":")]
+        cycle = None
+        try:
+            if len(fields) == 3:
+                budget, lr, warmup = fields
+                minutes = float(budget[:-1]) if budget.endswith("m") else None
+                cycle = Cycle(minutes, None if minutes is not None else int(budget), float(lr), int(warmup))
+        except ValueError:
+            pass
+        if (cycle is None or not (cycle.minutes is None or (math.isfinite(cycle.minutes) and cycle.minutes > 0))
+                or not (cycle.steps is None or cycle.steps > 0)
+                or not (math.isfinite(cycle.peak_lr) and cycle.peak_lr > 0) or cycle.warmup < 0):
+            raise UserError(f"--cycles {text!r}: cycle {i} ({part.strip()!r}) is not BUDGET:PEAK_LR:WARMUP with a "
+                            "positive budget (`26.5m` minutes or `800` steps), a positive peak learning rate "
+                            f"and a warm-up of 0 or more steps, e.g. {DEFAULT_CYCLES!r}.")
+        cycles.append(cycle)
+    return cycles
+
+
+# ---------------------------------------------------------------------------------------------- codec
+def codec_features(codec, corpus_dir: Path, items, log=_log) -> list:
+    """Per item: (normalised log-mel (T, n_mels), normalised log-magnitude (T, n_lin)) of its wav."""
+    import soundfile as sf
+
+    feats = []
+    for i, item in enumerate(items):
+        wav, sr = sf.read(str(corpus_dir / item.wav), dtype="float32")
+        mel, lin, _ = codec.features(wav, sr)
+        feats.append((mel, lin))
+        if (i + 1) % 2000 == 0:
+            log(f"features: {i + 1}/{len(items)}")
+    return feats
+
+
+def codebook_phase(codec, feats_of_subset, work: Path, params: dict, kmeans_iters: int, kmeans_frames: int,
+                   seed: int, reused: list) -> None:
+    """Phase 2: k-means over the frame pairs of the codec subset (at most `kmeans_frames` of them, drawn with
+    `seed`) → codec.centroids (codebook_size, 2 · n_mels). `feats_of_subset()` gives the subset's features."""
+    import torch
+
+    from mamtra_cli.mini.codec import fit_kmeans
+
+    marker, weights = work / "codec" / "codebook.json", work / "codec" / "centroids.safetensors"
+    if _marker_ok(marker, params):
+        from safetensors.torch import load_file
+
+        codec.centroids = load_file(str(weights))["centroids"]
+        _log("codebook: reusing")
+        reused.append("codebook")
+        return
+    pairs = torch.cat([codec.frame_pairs(mel) for mel, _ in feats_of_subset()])
+    g = torch.Generator().manual_seed(seed)
+    if pairs.shape[0] > kmeans_frames:
+        pairs = pairs[torch.randperm(pairs.shape[0], generator=g)[:kmeans_frames]]
+    _log(f"codebook: k-means, {codec.cfg.codebook_size} codes over {pairs.shape[0]} frame pairs")
+    codec.centroids = fit_kmeans(pairs, codec.cfg.codebook_size, kmeans_iters, seed, log=_log)
+    from safetensors.torch import save_file
+
+    save_file({"centroids": codec.centroids.contiguous()}, str(weights))
+    _write_marker(marker, params)
+
+
+def manifests_phase(codec, corpus_dir: Path, work: Path, known_mels: dict, corpus_sha: str, reused: list) -> None:
+    """Phase 3: work/data/{train,test}.jsonl with the tokens of every utterance. `known_mels` (utt → mel) saves
+    recomputing the codec subset's features; the others are computed one at a time and dropped."""
+    import soundfile as sf
+
+    from mamtra_cli.data_manifest import ManifestHeader, Utterance, write_manifest
+    from mamtra_cli.mini.corpus import read_corpus_split
+    from mamtra_cli.mini.text import CharTokenizer
+
+    params = {"codebook_sha256": _tensor_sha(codec.centroids), "corpus_sha256": corpus_sha}
+    (work / "data").mkdir(exist_ok=True)
+    marker = work / "data" / "data.json"
+    if _marker_ok(marker, params):
+        _log("manifests: reusing")
+        reused.append("manifests")
+        return
+    tok = CharTokenizer()
+    header = ManifestHeader(text_tokenizer=tok.describe(),
+                            speech_tokenizer={"name": f"mini-codec-kmeans{codec.cfg.codebook_size}",
+                                              "sha256": params["codebook_sha256"], "rate_hz": codec.cfg.token_rate})
+
+    def rows(items):
+        for i, it in enumerate(items):
+            mel = known_mels.get(it.utt)
+            if mel is None:
+                wav, sr = sf.read(str(corpus_dir / it.wav), dtype="float32")
+                mel = codec.features(wav, sr)[0]
+            yield Utterance(it.utt, tok.encode(it.text), codec.tokens_from_features(mel), it.text, it.spk)
+            if (i + 1) % 2000 == 0:
+                _log(f"manifests: {i + 1}/{len(items)}")
+
+    for split in ("train", "test"):
+        write_manifest(work / "data" / f"{split}.jsonl", header, rows(read_corpus_split(corpus_dir, split)))
+    _write_marker(marker, params)
+
+
+def decoder_phase(codec, feats_of_subset, work: Path, params: dict, decoder_steps: int, seed: int,
+                  reused: list) -> None:
+    """Phase 4: codec.decoder, trained on the codec subset (its mel → its linear spectrogram)."""
+    from mamtra_cli.mini.codec import CodecDecoder, train_decoder
+
+    marker, weights = work / "codec" / "decoder.json", work / "codec" / "decoder.safetensors"
+    if _marker_ok(marker, params):
+        codec.decoder = CodecDecoder(codec.cfg)
+        _load_weights(codec.decoder, weights)
+        codec.decoder.eval()
+        _log("decoder: reusing")
+        reused.append("decoder")
+        return
+    feats = feats_of_subset()
+    codec.decoder = train_decoder(codec, [m for m, _ in feats], [lin for _, lin in feats], decoder_steps,
+                                  seed=seed, log=_log)
+    _save_weights(codec.decoder, weights)
+    _write_marker(marker, params)
+
+
+# ---------------------------------------------------------------------------------------------- teacher
+def teacher_phase(model, train_utts, val_utts, cycles: list[Cycle], base, ckpt_dir: Path, params: dict,
+                  space_id: int, reused: list) -> list[dict]:
+    """Phase 5: the cycles in order, each from the previous one's best weights with a fresh optimizer; cycle
+    i's best weights go to ckpt_dir/cycle{i}.safetensors with a marker, so an interrupted build resumes at
+    the first unfinished cycle. `base` is the TrainSettings every cycle shares. Leaves the last cycle's best
+    weights in `model`; returns one record per cycle."""
+    from dataclasses import replace
+
+    from mamtra_cli.mini.train import train_teacher
+
+    records = []
+    retrained = False  # once a cycle is trained anew, the later ones start from other weights
+    for i, cycle in enumerate(cycles, 1):
+        # A cycle's marker names all cycles up to it: its weights depend on the whole chain.
+        cycle_params = {**params, "cycles": [c.describe() for c in cycles[:i]]}
+        marker, weights = ckpt_dir / f"cycle{i}.json", ckpt_dir / f"cycle{i}.safetensors"
+        if not retrained and _marker_ok(marker, cycle_params):
+            _load_weights(model, weights)
+            model.eval()
+            records.append(json.loads(marker.read_text())["result"])
+            _log(f"teacher cycle {i}: reusing")
+            reused.append(f"teacher_cycle{i}")
+            continue
+        budget = f"{cycle.minutes:g} min" if cycle.minutes is not None else f"{cycle.steps} steps"
+        _log(f"teacher cycle {i}/{len(cycles)}: {budget} at peak lr {cycle.peak_lr:g}, "
+             f"warm-up {cycle.warmup} steps")
+
+        def save_best(m, best, i=i):
+            # the best weights so far of the running cycle, in case it is interrupted
+            _save_weights(m, ckpt_dir / "best.safetensors")
+            (ckpt_dir / "best.json").write_text(json.dumps({"cycle": i, **best}) + "\n")
+
+        # Every cycle reuses the seed: the shipped voice's second cycle was a fresh run of the same script
+        # (same batch order and noise draws) started from the first cycle's best weights.
+        retrained = True
+        settings = replace(base, steps=cycle.steps, time_budget_s=cycle.minutes * 60 if cycle.minutes else None,
+                           lr=cycle.peak_lr, warmup=cycle.warmup)
+        result = train_teacher(model, train_utts, val_utts, settings, space_id=space_id, log=_log,
+                               on_best=save_best)
+        record = {**cycle.describe(), "steps_run": result["steps_run"], "best": result["best"],
+                  "seconds": result["seconds"], "history": result["history"]}
+        _save_weights(model, weights)
+        _write_marker(marker, cycle_params, result=record)
+        records.append(record)
+    return records
+
+
+def build_mini(out: Path, work: Path = Path("/tmp/mini_build/work"), sentences: int = 20000, test_sentences: int = 120,
+               voices: int = 8, codebook: int = 512, codec_sentences: int = 3000, decoder_steps: int = 1000,
+               cycles: str = DEFAULT_CYCLES, batch_size: int = 32, hidden: int = 128, speech_input_noise: float = 0.15,
+               render_jobs: int = 2, threads: int = 0, seed: int = 0, phase: str = "all", toy: bool = False,
+               force: bool = False) -> Path | None:
+    """Rebuild the mini voice into the model directory `out` (the layout of mamtra_cli/builtin/mini/), caching
+    every phase in `work`; returns `out`, or None when `phase` is "codec" or "teacher" (a partial run whose
+    results stay in `work` for a final "all" run). `mamtra build-mini --help` explains every parameter.
+
+    Needs espeak-ng on PATH. Progress goes to stderr as `[build-mini] …` lines. Bad values raise UserError.
+    """
+    import shutil
+
+    import torch
+
+    from mamtra_cli import checkpoints
+    from mamtra_cli.data_manifest import read_manifest
+    from mamtra_cli.errors import UserError
+    from mamtra_cli.mini import corpus as corpus_mod
+    from mamtra_cli.mini.codec import CodecConfig, MiniCodec
+    from mamtra_cli.mini.text import CharTokenizer
+    from mamtra_cli.mini.train import TrainSettings, mini_model_config
+    from mamtra_cli.models.speech_lm import SpeechLM
+
+    if phase not in ("all", "codec", "teacher"):
+        raise UserError(f"--phase must be all, codec or teacher, not {phase!r}.")
+    if toy and cycles == DEFAULT_CYCLES:
+        cycles = TOY_CYCLES
+    cycle_list = parse_cycles(cycles)
+    if codec_sentences < 0:
+        raise UserError(f"--codec-sentences must be 0 (all) or more, not {codec_sentences}.")
+    if not 0 <= speech_input_noise < 1:
+        raise UserError(f"--speech-input-noise must be in [0, 1), not {speech_input_noise}.")
+    if corpus_mod.espeak_path() is None:
+        raise UserError("espeak-ng is not on PATH; install it (Debian/Ubuntu: `apt-get install espeak-ng`) "
+                        "to build the mini voice.")
+    if toy:
+        sentences, test_sentences, voices, codebook = min(sentences, 80), min(test_sentences, 6), min(voices, 4), 64
+        decoder_steps, batch_size, hidden = min(decoder_steps, 20), 8, 64
+    if phase == "all":
+        checkpoints.check_output_dir(out, force)
+    from mamtra_cli.cli import apply_threads
+
+    with torch.device("meta"):  # only counted, to choose the thread count (the rule of `apply_threads`)
+        n_params = sum(p.numel() for p in SpeechLM(mini_model_config(
+            CharTokenizer().vocab_size, codebook, hidden=hidden, heads=hidden // 32)).parameters())
+    threads = apply_threads(threads, n_params)
+    _log(f"{threads} CPU thread(s)")
+    t0 = time.time()
+    timings = {}
+    reused = []  # phases taken from --work instead of being run now (their times are then not this run's)
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    # 1. corpus
+    corpus_dir = work / "corpus"
+    marker = corpus_dir / "corpus.json"
+    before = marker.stat().st_mtime_ns if marker.is_file() else None
+    corpus_mod.build_corpus(corpus_dir, sentences, test_sentences, voices, seed, log=_log, jobs=render_jobs)
+    if before is not None and marker.stat().st_mtime_ns == before:
+        reused.append("corpus")
+    corpus_sha = json.loads(marker.read_text())["sha256"]
+    timings["corpus_s"] = round(time.time() - t0, 1)
+
+    # 2.–4. codec: codebook and decoder fitted on the subset, tokens for all
+    t = time.time()
+    train_items = corpus_mod.read_corpus_split(corpus_dir, "train")
+    subset = train_items[:codec_sentences] if codec_sentences else train_items
+    n_codec = len(subset)  # the marker records what was used, so 0 and 3000 on 3000 sentences agree
+    subset_feats = []  # [(mel (T, n_mels), lin (T, n_lin))] of the subset, computed only when something is fitted
+
+    def feats_of_subset():
+        if not subset_feats:
+            _log(f"features: {n_codec} codec utterances")
+            subset_feats.extend(codec_features(codec, corpus_dir, subset))
+        return subset_feats
+
+    codec = MiniCodec(CodecConfig(codebook_size=codebook))
+    (work / "codec").mkdir(exist_ok=True)
+    codebook_params = {"codebook": codebook, "kmeans_iters": KMEANS_ITERS, "kmeans_frames": KMEANS_FRAMES,
+                       "codec_sentences": n_codec, "seed": seed, "corpus_sha256": corpus_sha}
+    codebook_phase(codec, feats_of_subset, work, codebook_params, KMEANS_ITERS, KMEANS_FRAMES, seed, reused)
+    manifests_phase(codec, corpus_dir, work,
+                    {it.utt: mel for it, (mel, _) in zip(subset, subset_feats)}, corpus_sha, reused)
+    timings["codebook_s"] = round(time.time() - t, 1)
+
+    t = time.time()
+    if phase == "teacher":
+        _log("decoder: skipped (--phase teacher)")
+    else:
+        decoder_params = {"decoder_steps": decoder_steps, "seed": seed, "codec_sentences": n_codec,
+                          "codebook_sha256": _tensor_sha(codec.centroids)}
+        decoder_phase(codec, feats_of_subset, work, decoder_params, decoder_steps, seed, reused)
+    subset_feats.clear()
+    timings["decoder_s"] = round(time.time() - t, 1)
+    if phase == "codec":
+        _log("codec phases done (--phase codec)")
+        return None
+
+    # 5. teacher
+    t = time.time()
+    tok = CharTokenizer()
+    _, train_utts = read_manifest(work / "data" / "train.jsonl", tok.vocab_size, codebook)
+    # The first 100 utterances (fewer for a small corpus) are the validation set, as for the shipped voice.
+    n_val = max(8, min(100, len(train_utts) // 30))
+    val_utts, train_utts = train_utts[:n_val], train_utts[n_val:]
+    config = mini_model_config(tok.vocab_size, codebook, hidden=hidden, heads=hidden // 32)
+    torch.manual_seed(seed)
+    model = SpeechLM(config)
+    base = TrainSettings(batch_size=batch_size, weight_decay=TEACHER_WEIGHT_DECAY, eval_every=5 if toy else 150,
+                         speech_input_noise=speech_input_noise, seed=seed)
+    teacher_params = {"batch_size": batch_size, "hidden": hidden, "seed": seed, "weight_decay": base.weight_decay,
+                      "concat_prob": base.concat_prob, "speech_input_noise": speech_input_noise,
+                      "eval_every": base.eval_every, "val_utterances": n_val,
+                      "data_sha256": _file_sha(work / "data" / "train.jsonl")}
+    ckpt_dir = work / "teacher"
+    ckpt_dir.mkdir(exist_ok=True)
+    _log(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+         f"{len(train_utts)} train / {len(val_utts)} val utterances, {len(cycle_list)} cycles")
+    cycle_records = teacher_phase(model, train_utts, val_utts, cycle_list, base, ckpt_dir, teacher_params,
+                                  tok.index[" "], reused)
+    timings["teacher_s"] = round(time.time() - t, 1)
+    if phase == "teacher":
+        _log("teacher phase done (--phase teacher)")
+        return None
+
+    # 6. assemble the model directory
+    test_items = corpus_mod.read_corpus_split(corpus_dir, "test")
+    sample = test_items[0]  # spoken by the first held-out voice
+    with checkpoints.staged_output(out, force) as tmp:
+        tok.save(tmp)
+        codec.save(tmp)
+        shutil.copyfile(corpus_dir / sample.wav, tmp / "sample_voice.wav")
+        (tmp / "sample_voice.txt").write_text(sample.text + "\n")
+        manifest = checkpoints.run_manifest(
+            "build-mini", inputs={"corpus": {"path": str(corpus_dir), "sha256": corpus_sha}},
+            parameters={"sentences": sentences, "test_sentences": test_sentences, "voices": voices,
+                        "codebook": codebook, "codec_sentences": n_codec, "kmeans_iters": KMEANS_ITERS,
+                        "kmeans_frames": KMEANS_FRAMES, "decoder_steps": decoder_steps, "cycles": cycles,
+                        "batch_size": batch_size, "hidden": hidden, "layers": config.num_layers,
+                        "weight_decay": base.weight_decay, "adam_betas": [0.9, 0.98], "grad_clip": 1.0,
+                        "concat_prob": base.concat_prob, "speech_input_noise": speech_input_noise,
+                        "eval_every": base.eval_every, "val_utterances": n_val, "threads": threads, "toy": toy},
+            outputs={"text_vocab": "text_vocab.json", "codec": ["codec.yaml", "codec.safetensors"],
+                     "sample_voice": {"wav": "sample_voice.wav", "text": sample.text, "spk": sample.spk}},
+            metrics={"teacher": cycle_records[-1]["best"], "teacher_cycles": cycle_records,
+                     "teacher_steps_run": sum(r["steps_run"] for r in cycle_records), "timings": timings,
+                     "phases_reused": reused, "total_s": round(time.time() - t0, 1)},
+            seed=seed, text_tokenizer=tok.describe())
+        checkpoints.save_model_dir(tmp, config, model.state_dict(), manifest)
+    _log(f"done in {time.time() - t0:.0f} s")
+    return Path(out)
