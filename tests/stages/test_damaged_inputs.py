@@ -14,23 +14,9 @@ from safetensors.torch import load_file, save_file
 from mamtra_cli import distillation as kd
 from mamtra_cli.checkpoints import WEIGHTS_FILE, load_foreign_checkpoint
 from mamtra_cli.cli import main
-from mamtra_cli.data_manifest import Utterance, write_manifest
+from tests.stages.harness import make_tiny_triple, one_error, run
 from mamtra_cli.errors import UserError
 from mamtra_cli.mini import BUILTIN_DIR
-from mamtra_cli.teachers import load_teacher
-
-
-def run(capsys, *args):
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("mamtra: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 class Payload:
@@ -48,16 +34,7 @@ def dirs(tmp_path_factory):
     """A tiny CosyVoice-format teacher T (llm.pt), its 1:1 hybrid S and data; a finished distill run whose
     checkpoint step-000001 the resume tests copy into a fresh OUT.partial/."""
     root = tmp_path_factory.mktemp("damaged")
-    assert main(["tiny-teacher", "--out", str(root / "T"), "--layers", "2", "--hidden", "32",
-                 "--text-vocab", "64", "--speech-tokens", "20"]) == 0
-    assert main(["transfer", "--teacher", str(root / "T"), "--ratio", "1:1", "--out", str(root / "S")]) == 0
-    teacher, _ = load_teacher(root / "T")
-    g = torch.Generator().manual_seed(0)
-    texts = [torch.randint(0, 64, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
-             for _ in range(6)]
-    speech = teacher.generate_batch([(t, [], []) for t in texts], seed=0, max_new_tokens=12)
-    write_manifest(root / "train.jsonl", None, [Utterance(f"u{i}", t, s or [0])
-                                                for i, (t, s) in enumerate(zip(texts, speech))])
+    make_tiny_triple(root)
     assert main(distill_args(root, root / "run1")) == 0
     return root
 

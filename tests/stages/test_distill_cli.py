@@ -19,8 +19,7 @@ from safetensors.torch import load_file
 
 from mamtra_cli import distillation as kd
 from mamtra_cli.cli import main
-from mamtra_cli.data_manifest import Utterance, write_manifest
-from mamtra_cli.teachers import load_teacher
+from tests.stages.harness import make_tiny_triple
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,17 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 def setup_dirs(tmp_path_factory):
     """Tiny CosyVoice-format teacher, its 1:1 student, and data sampled from the teacher."""
     root = tmp_path_factory.mktemp("distill_e2e")
-    assert main(["tiny-teacher", "--out", str(root / "T"), "--layers", "2", "--hidden", "32",
-                 "--text-vocab", "64", "--speech-tokens", "20"]) == 0
-    assert main(["transfer", "--teacher", str(root / "T"), "--ratio", "1:1", "--out", str(root / "S")]) == 0
-    teacher, _ = load_teacher(root / "T")
-    g = torch.Generator().manual_seed(0)
-    texts = [torch.randint(0, 64, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
-             for _ in range(16)]
-    speech = teacher.generate_batch([(t, [], []) for t in texts], seed=0, max_new_tokens=16)
-    utts = [Utterance(f"u{i}", t, s or [0]) for i, (t, s) in enumerate(zip(texts, speech))]
-    write_manifest(root / "train.jsonl", None, utts[:12])
-    write_manifest(root / "val.jsonl", None, utts[12:])
+    make_tiny_triple(root, utterances=16, max_new_tokens=16, val=4)
     return root
 
 

@@ -10,13 +10,11 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 from mamtra_cli import profiling as P
 from mamtra_cli.cli import main
-from mamtra_cli.data_manifest import Utterance, write_manifest
+from tests.stages.harness import make_tiny_triple, run
 from mamtra_cli.models.config import ATTENTION, MAMBA
-from mamtra_cli.teachers import load_teacher
 
 TINY_ARCH = """name: tiny
 config:
@@ -31,26 +29,10 @@ config:
 """
 
 
-def run(capsys, *args):
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("logs")
-    assert main(["tiny-teacher", "--out", str(root / "T"), "--layers", "2", "--hidden", "32",
-                 "--text-vocab", "64", "--speech-tokens", "20"]) == 0
-    assert main(["transfer", "--teacher", str(root / "T"), "--ratio", "1:1", "--out", str(root / "S")]) == 0
-    teacher, _ = load_teacher(root / "T")
-    g = torch.Generator().manual_seed(0)
-    texts = [torch.randint(0, 64, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
-             for _ in range(6)]
-    speech = teacher.generate_batch([(t, [], []) for t in texts], seed=0, max_new_tokens=12)
-    write_manifest(root / "train.jsonl", None, [Utterance(f"u{i}", t, s or [0])
-                                                for i, (t, s) in enumerate(zip(texts, speech))])
+    make_tiny_triple(root)
     return root
 
 

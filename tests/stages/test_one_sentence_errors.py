@@ -8,42 +8,18 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from mamtra_cli.cli import main
 from mamtra_cli.data_manifest import Utterance, write_manifest
+from tests.stages.harness import make_tiny_triple, one_error, run
 from mamtra_cli.mini import BUILTIN_DIR
-from mamtra_cli.teachers import load_teacher
-
-
-def run(capsys, *args):
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("mamtra: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     """A tiny CosyVoice-format teacher T, its 1:1 hybrid S (a MamTra model dir) and data sampled from T."""
     root = tmp_path_factory.mktemp("errors")
-    assert main(["tiny-teacher", "--out", str(root / "T"), "--layers", "2", "--hidden", "32",
-                 "--text-vocab", "64", "--speech-tokens", "20"]) == 0
-    assert main(["transfer", "--teacher", str(root / "T"), "--ratio", "1:1", "--out", str(root / "S")]) == 0
-    teacher, _ = load_teacher(root / "T")
-    g = torch.Generator().manual_seed(0)
-    texts = [torch.randint(0, 64, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
-             for _ in range(6)]
-    speech = teacher.generate_batch([(t, [], []) for t in texts], seed=0, max_new_tokens=12)
-    utts = [Utterance(f"u{i}", t, s or [0]) for i, (t, s) in enumerate(zip(texts, speech))]
-    write_manifest(root / "train.jsonl", None, utts)
+    make_tiny_triple(root)
     return root
 
 
