@@ -17,6 +17,7 @@ returns the dict that `--json` prints:
     transfer(teacher, out, ratio=None, …)               mamtra transfer         weight_transfer.transfer_to_dir
     distill(teacher, student, data, out, val=None, …)   mamtra distill          distillation.distill
     score(model, data, batch_size=8, …)                 mamtra score            scoring.score
+    pseudo_label(teacher, texts, count, out, …)         mamtra pseudo-label     pseudo_labels.pseudo_label
     export(model, out, assets=None, …)                  mamtra export           synthesis.export.export
     evaluate(list_spec, out, model=(), …)               mamtra eval             evaluation.runner.evaluate_list
     prepare(source, input, out, assets=None, …)         mamtra prepare          data.prepare.prepare
@@ -47,6 +48,7 @@ _EXPORTS = {
     "transfer": ("mamtra_cli.weight_transfer", "transfer_to_dir"),
     "distill": ("mamtra_cli.distillation", "distill"),
     "score": ("mamtra_cli.scoring", "score"),
+    "pseudo_label": ("mamtra_cli.pseudo_labels", "pseudo_label"),
     "export": ("mamtra_cli.synthesis.export", "export"),
     "evaluate": ("mamtra_cli.evaluation.runner", "evaluate_list"),
     "prepare": ("mamtra_cli.data.prepare", "prepare"),
@@ -64,7 +66,8 @@ _EXPORTS = {
 # The stage (`mamtra_cli.stages` module:function, as registered in pyproject.toml) behind each function: the
 # defaults test holds every pair together.
 COMMANDS = {
-    "transfer": "transfer:transfer", "distill": "distill:distill", "score": "score:score", "export": "export:export",
+    "transfer": "transfer:transfer", "distill": "distill:distill", "score": "score:score",
+    "pseudo_label": "pseudo_label:pseudo_label", "export": "export:export",
     "evaluate": "eval:eval_", "prepare": "prepare:prepare", "profile_cache_growth": "cache_growth:cache_growth",
     "profile_vram": "profile_vram:profile_vram", "profile_speed": "profile_speed:profile_speed",
     "profile_scan": "profile_scan:profile_scan", "plot_runs": "plot_runs:plot_runs",

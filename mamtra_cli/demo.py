@@ -1,7 +1,7 @@
 """The whole MamTra pipeline on the built-in mini voice, end to end on a CPU: `run_demo`, the work of
 `mamtra demo`.
 
-    mamtra demo                      # → ./mamtra-demo/ (about 7 minutes on 2 CPU cores)
+    mamtra demo                      # → ./mamtra-demo/ (about 3 minutes on 2 quiet CPU cores)
     mamtra demo --out /tmp/d --steps 5 --wer-sentences 2 --force      # a smoke test (< 1 minute)
 
 Every step is a real `mamtra` stage run in its own process, so the stages meet only through the files they

@@ -1,6 +1,6 @@
 """`mamtra demo`: the whole MamTra pipeline on the built-in mini voice, end to end on a CPU.
 
-    mamtra demo                      # → ./mamtra-demo/ (about 7 minutes on 2 CPU cores)
+    mamtra demo                      # → ./mamtra-demo/ (about 3 minutes on 2 quiet CPU cores)
     mamtra demo --out /tmp/d --steps 5 --wer-sentences 2 --force      # a smoke test (< 1 minute)
 
 The steps (each a real `mamtra` stage in its own process) and the table are described in `mamtra_cli.demo`,
@@ -18,9 +18,9 @@ def demo(
     out: Path = typer.Option(Path("mamtra-demo"), "--out", help="Directory for every artefact of the demo."),
     ratio: str = typer.Option("1:1", "--ratio", help="attention:Mamba ratio of the hybrid (12 layers: 1:1, 1:3, "
                               "1:5 or 1:11)."),
-    steps: int = typer.Option(60, "--steps", min=1, help="Distillation steps (about 4.5 s each on 2 cores; 60 keep "
-                              "the demo near 7 minutes; 120 measured the same held-out CE: the 400 utterances, "
-                              "about 11 steps an epoch, are then over-fitted)."),
+    steps: int = typer.Option(60, "--steps", min=1, help="Distillation steps (about 2 s each with one thread on a "
+                              "quiet 2-core box; 60 keep the demo near 3 minutes; 120 measured the same held-out CE: "
+                              "the 400 utterances, about 11 steps an epoch, are then over-fitted)."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak distillation learning rate."),
     train: str = typer.Option("all", "--train", help="What distillation trains: all, or mamba (only the new "
                               "Mamba layers), as `mamtra distill --train`."),

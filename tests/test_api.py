@@ -133,3 +133,14 @@ def test_api_docstring_lists_every_export():
     doc = api.__doc__
     missing = [n for n in api.__all__ if n not in ("Synthesizer", "UserError") and f"{n}(" not in doc]
     assert not missing, missing
+
+
+def test_no_library_module_shadows_an_api_name():
+    """Importing a submodule sets it as an attribute of its package: a module `mamtra_cli.NAME` would replace the
+    API function `mamtra_cli.NAME` as soon as anything imports it (it happened to `pseudo_label`)."""
+    import importlib.util
+
+    from mamtra_cli import api
+
+    clashes = [name for name in api._EXPORTS if importlib.util.find_spec(f"mamtra_cli.{name}") is not None]
+    assert clashes == []
