@@ -643,17 +643,8 @@ def plot_lines(path: Path, series: dict[str, tuple[list[float], list[float]]], x
         ax.plot(xs, ys, marker="o", label=name)
     if logx:
         ax.set_xscale("log", base=2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend()
-    if note:
-        fig.text(0.01, 0.01, note, fontsize=7, alpha=0.7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, xlabel, ylabel, title, note)
 
 
 def plot_bars(path: Path, groups: list[str], series: dict[str, list[float]], xlabel: str, ylabel: str,
@@ -667,10 +658,15 @@ def plot_bars(path: Path, groups: list[str], series: dict[str, list[float]], xla
         ax.bar(xs, ys, width=width, label=name)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups)
+    ax.grid(True, axis="y", alpha=0.3)
+    _finish(plt, fig, ax, path, xlabel, ylabel, title, note)
+
+
+def _finish(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str, note: str | None) -> None:
+    """Labels, legend and the optional footnote every profile figure has; then write the PNG."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.grid(True, axis="y", alpha=0.3)
     ax.legend()
     if note:
         fig.text(0.01, 0.01, note, fontsize=7, alpha=0.7)

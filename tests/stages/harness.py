@@ -44,3 +44,18 @@ def make_tiny_triple(root: Path, utterances: int = 6, max_new_tokens: int = 12, 
     if val:
         write_manifest(root / "val.jsonl", None, utts[len(utts) - val:])
     return root
+
+
+def tiny_arch_yaml(layers: int) -> str:
+    """A profile architecture file (the `--arch PATH` format of profiles/arch/) for a tiny Qwen2-shaped model."""
+    return f"""name: tiny
+config:
+  hidden_size: 32
+  intermediate_size: 48
+  num_attention_heads: 4
+  num_key_value_heads: 2
+  head_dim: 8
+  text_vocab_size: 64
+  speech_token_size: 20
+  num_layers: {layers}
+"""

@@ -13,20 +13,10 @@ import pytest
 
 from mamtra_cli import profiling as P
 from mamtra_cli.cli import main
-from tests.stages.harness import make_tiny_triple, run
+from tests.stages.harness import make_tiny_triple, run, tiny_arch_yaml
 from mamtra_cli.models.config import ATTENTION, MAMBA
 
-TINY_ARCH = """name: tiny
-config:
-  hidden_size: 32
-  intermediate_size: 48
-  num_attention_heads: 4
-  num_key_value_heads: 2
-  head_dim: 8
-  text_vocab_size: 64
-  speech_token_size: 20
-  num_layers: 4
-"""
+TINY_ARCH = tiny_arch_yaml(4)
 
 
 @pytest.fixture(scope="module")

@@ -14,23 +14,10 @@ import pytest
 
 from mamtra_cli import checkpoints
 from mamtra_cli import profiling as P
-from mamtra_cli.cli import main
 from mamtra_cli.errors import UserError
 from mamtra_cli.synthesis.wavfile import WavWriter
 from mamtra_cli.teachers.tiny import make_tiny_cosyvoice2_dir
-
-
-def run(capsys, *args):
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("mamtra: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+from tests.stages.harness import one_error as one_error_line, run, tiny_arch_yaml
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -166,17 +153,7 @@ def test_wav_writer_force_replaces_and_refuses_a_directory(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ profile --out
-TINY_ARCH = """name: tiny
-config:
-  hidden_size: 32
-  intermediate_size: 48
-  num_attention_heads: 4
-  num_key_value_heads: 2
-  head_dim: 8
-  text_vocab_size: 64
-  speech_token_size: 20
-  num_layers: 2
-"""
+TINY_ARCH = tiny_arch_yaml(2)
 
 
 def test_profile_out_needs_force_to_replace_its_files(tmp_path, capsys):

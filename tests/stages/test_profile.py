@@ -16,18 +16,9 @@ from mamtra_cli.models.cache import HybridCache, analytic_cache_bytes
 from mamtra_cli.models.config import ATTENTION, MAMBA
 from mamtra_cli.profiling.cache_growth import crossover_tokens
 from mamtra_cli.profiling.vram import eval_list_lengths, estimate_speech_tokens, estimate_text_tokens, plan_on_gpu
+from tests.stages.harness import tiny_arch_yaml
 
-TINY_ARCH = """name: tiny
-config:
-  hidden_size: 32
-  intermediate_size: 48
-  num_attention_heads: 4
-  num_key_value_heads: 2
-  head_dim: 8
-  text_vocab_size: 64
-  speech_token_size: 20
-  num_layers: 4
-"""
+TINY_ARCH = tiny_arch_yaml(4)
 
 
 @pytest.fixture
