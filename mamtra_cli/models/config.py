@@ -192,17 +192,25 @@ def _as_float(d: dict, key: str):
     return None
 
 
-def _value_problem(d: dict, derived) -> str | None:
-    """The first wrong type or impossible value in a config mapping (before construction), as a clause naming
-    the field, or None. Converts numeric strings of float fields in place (see `_as_float`)."""
-    for key in _POSITIVE_INTS:
+def _positive_problem(d: dict, ints, floats, prefix: str) -> str | None:
+    """The first of `ints` / `floats` present in `d` that is not a positive integer / finite positive number."""
+    for key in ints:
         if key in d and not (_is_int(d[key]) and d[key] > 0):
-            return f"field {key} is {d[key]!r}, but it must be a positive integer"
-    for key in _POSITIVE_FLOATS:
+            return f"field {prefix}{key} is {d[key]!r}, but it must be a positive integer"
+    for key in floats:
         if key in d:
             v = _as_float(d, key)
             if v is None or not v > 0 or v == float("inf"):
-                return f"field {key} is {d[key]!r}, but it must be a positive number"
+                return f"field {prefix}{key} is {d[key]!r}, but it must be a positive number"
+    return None
+
+
+def _value_problem(d: dict, derived) -> str | None:
+    """The first wrong type or impossible value in a config mapping (before construction), as a clause naming
+    the field, or None. Converts numeric strings of float fields in place (see `_as_float`)."""
+    problem = _positive_problem(d, _POSITIVE_INTS, _POSITIVE_FLOATS, "")
+    if problem:
+        return problem
     if "family" in d and not isinstance(d["family"], str):
         return f"field family is {d['family']!r}, but it must be a string"
     types = d.get("layer_types")
@@ -225,14 +233,9 @@ def _value_problem(d: dict, derived) -> str | None:
         return None
     if not isinstance(mamba, dict):
         return f"field mamba is {mamba!r}, but it must be a mapping of Mamba-2 settings"
-    for key in _MAMBA_POSITIVE_INTS:
-        if key in mamba and not (_is_int(mamba[key]) and mamba[key] > 0):
-            return f"field mamba.{key} is {mamba[key]!r}, but it must be a positive integer"
-    for key in _MAMBA_POSITIVE_FLOATS:
-        if key in mamba:
-            v = _as_float(mamba, key)
-            if v is None or not v > 0 or v == float("inf"):
-                return f"field mamba.{key} is {mamba[key]!r}, but it must be a positive number"
+    problem = _positive_problem(mamba, _MAMBA_POSITIVE_INTS, _MAMBA_POSITIVE_FLOATS, "mamba.")
+    if problem:
+        return problem
     m = MambaConfig(**mamba)
     if m.dt_min > m.dt_max:
         return f"field mamba.dt_min ({m.dt_min}) is larger than field mamba.dt_max ({m.dt_max})"
