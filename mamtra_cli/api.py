@@ -4,9 +4,10 @@
     tts = mamtra_cli.load("mini")                                   # the built-in voice (CPU, 16 kHz)
     tts.save("Hello, how are you doing today?", "hello.wav")        # its sample voice speaks
 
-Synthesis. `load(model=None, assets=None, device="auto", lm_dtype="auto", max_tokens=None, threads=0)` loads
-what `mamtra synth --model MODEL --assets ASSETS` would (`mini`, a bundle, a mini voice or hybrid dir with
-`assets`, a CosyVoice 2 dir) and returns a `Synthesizer`:
+Synthesis. `load(model=None, assets=None, device="auto", lm_dtype="auto", max_tokens=None, threads=0,
+decode="auto")` loads what `mamtra synth --model MODEL --assets ASSETS` would (`mini`, a bundle, a mini voice or
+hybrid dir with `assets`, a CosyVoice 2 dir; `decode`: the LM's decode path, auto = a CUDA graph on a GPU, the
+dynamic cache on a CPU) and returns a `Synthesizer`:
     synthesize(text, ref=None, ref_text=None, *, seed=0) → (float32 array (samples,), sample_rate)
     stream(text, ref=None, ref_text=None, *, seed=0)     → iterator of float32 chunks (CosyVoice 2 streaming)
     save(text, path, ref=None, ref_text=None, *, seed=0, stream=False, force=False) → report (`synth --json`)
@@ -29,6 +30,9 @@ returns the dict that `--json` prints:
     build_mini(out, work=…, …) → Path                   mamtra build-mini       mini.build.build_mini
     tiny_teacher(out, layers=4, …) → Path               mamtra tiny-teacher     teachers.tiny.write_tiny_teacher
     run_demo(out="mamtra-demo", …)                      mamtra demo             demo.run_demo
+A repeatable option takes a list: `distill(teacher, student, [real, pseudo], out, val=val,
+stages="mamba:2000,all:1000", patience=5)` trains on both manifests, in stages, and keeps the weights with the
+best validation CE (`select="best"`, the default with `val`).
 Bad input raises `UserError` with the one sentence the command would print. Progress and diagnostics go to
 stderr, as with the commands; the functions that take `console=` accept any rich Console (e.g.
 `rich.console.Console(quiet=True)` for silence). `threads` sets torch's global thread count, as the commands do.

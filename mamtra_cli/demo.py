@@ -131,7 +131,9 @@ def run_demo(out: Path = Path("mamtra-demo"), ratio: str = "1:1", steps: int = 6
                                 str(distill_data), "--val", str(test_data), "--out", str(distilled),
                                 "--max-steps", str(steps), "--lr", str(lr), "--warmup", str(max(1, steps // 10)),
                                 "--train", train, "--batch-tokens", "4096", "--device", "cpu",
-                                "--save-every", "0", "--eval-every", "0", "--seed", str(seed), "--json", *common])
+                                "--save-every", "0", "--eval-every", "0", "--seed", str(seed), "--json", *common,
+                                # --val is the held-out set the table reports: it must not pick the weights
+                                "--select", "last"])
         step("export", ["export", "--model", str(distilled), "--assets", "mini", "--out", str(bundle), "--json",
                         *common])
         ce = {key: step("score", ["score", "--model", model, "--data", str(test_data), "--json", *common])

@@ -19,23 +19,54 @@ rank builds the same global batches and takes the slice `batch[rank::world]`; th
 global target count (known to every rank, because every rank holds the global batch) and multiplied by the
 world size, so DDP's gradient *average* equals the single-process gradient of the same global batch.
 
+Data: --data may be repeated (real + pseudo-labelled manifests); their utterances are concatenated into one
+list (N = N_1 + N_2 + …) that the batching above shuffles as one, after checking that every manifest (and
+--val) names the same tokenizers. Each manifest's path and sha256 go into OUT/manifest.json.
+
+The recipe (why each piece: a 120-step run on 400 utterances over-fits, so its *last* weights are worse
+than earlier ones, and Mamba layers initialised from attention first need to catch up with the frozen rest):
+  * Stages (--stages mamba:S1,all:S2): the run is a list of (TRAIN, STEPS[, LR]) stages. Each stage
+    selects its own trainable set (`select_trainable`) and gets a fresh AdamW over that set and its own
+    warm-up + schedule over its own STEPS (lr_at(step - stage_start, …, STEPS)); the optimizer-step counter
+    and the data stream (epoch, position) run on across stages. Without --stages the run is one stage.
+  * Validation CE (as `mamtra score`, rank 0) at step 0, every --eval-every global steps and at the end of
+    every stage. An evaluation *improves* when its CE is below the best so far by more than --min-delta.
+  * --select best keeps the weights of every improving evaluation in DIR.partial/best/step-NNNNNN/ and ships
+    the best one (step 0, the untrained student, included: then a warning says so); --select last ships the
+    last step's. OUT/manifest.json and the summary record selected = {rule, step, val_ce}.
+  * --patience N: N evaluations in a row without an improvement end the current *stage* (the next stage
+    starts with a fresh count; improvements are always measured against the best of the whole run). The
+    schedule's length is not changed by it: stopping just ends the stage's loop early.
+
 Run state on disk (`DIR` is the --out directory):
     DIR.partial/                         in-progress run (only rank 0 writes)
         run.json                         the hyper-parameters a resume must match
-        metrics.jsonl                    one JSON object a line: train steps and validation evals
-        checkpoints/step-NNNNNN/         config.yaml, model.safetensors, manifest.json (a model directory),
-                                         trainer_state.pt (optimizer, schedule step, RNG, data position;
-                                         plain tensors/lists/dicts, loadable with weights_only=True),
+        metrics.jsonl                    one JSON object a line: train steps ({"kind": "train", "step",
+                                         "stage", "lr", "loss", "kl", "ce", …}) and validation evals
+                                         ({"kind": "val", "step", "stage", "val_ce", "val_accuracy",
+                                         "improved", "best_step", "bad_evals"})
+        checkpoints/step-NNNNNN/         config.yaml, model.safetensors, manifest.json (a model directory;
+                                         its outputs name the step, stage and best step it knew),
+                                         trainer_state.pt (optimizer of the current stage, stage index and
+                                         start, stage log, best {step, stage, val_ce, val_accuracy}, evals
+                                         without improvement, RNG, data position; plain tensors/lists/dicts,
+                                         loadable with weights_only=True),
                                          COMPLETE (written last; a checkpoint without it is ignored)
+        best/step-NNNNNN/                --select best: the weights of the best evaluation (a model dir,
+                                         written to a temp dir and renamed). Kept: the current best and the
+                                         best each kept checkpoint names, so a resume from any of them finds
+                                         the best *it* knew (a killed run may have found a later one).
     DIR/                                 the finished run (written via `staged_output`, then DIR.partial is
-                                         removed): config.yaml, model.safetensors, manifest.json,
-                                         metrics.jsonl, loss.png, checkpoints/ (hard links into the partial)
+                                         removed): config.yaml, model.safetensors (the selected weights),
+                                         manifest.json, metrics.jsonl, loss.png, checkpoints/ (hard links
+                                         into the partial)
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import json
 import math
 import os
@@ -61,6 +92,8 @@ COMPLETE_MARKER = "COMPLETE"
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
 PLOT_FILE = "loss.png"
+BEST_DIR = "best"  # OUT.partial/best/step-NNNNNN/: the weights of the best evaluation (with --select best)
+SELECT_RULES = ("best", "last")
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -192,6 +225,24 @@ def select_trainable(model: nn.Module, train: str) -> list[str]:
     return [n for n in names if n in chosen]
 
 
+def parse_stages(spec: str) -> tuple[tuple[str, int, float | None], ...]:
+    """--stages "mamba:2000,all:1000[:3e-5]" → (("mamba", 2000, None), ("all", 1000, 3e-5)): a comma list of
+    TRAIN:STEPS or TRAIN:STEPS:LR, TRAIN being anything --train takes (LR defaults to --lr)."""
+    stages = []
+    for item in spec.split(","):
+        parts = item.strip().split(":")
+        try:
+            if len(parts) not in (2, 3) or not parts[0]:
+                raise ValueError
+            steps = int(parts[1])
+            lr = float(parts[2]) if len(parts) == 3 else None
+        except ValueError:
+            raise UserError(f"--stages item {item.strip()!r} is not TRAIN:STEPS or TRAIN:STEPS:LR; write the stages "
+                            "like mamba:2000,all:1000 or mamba:2000:1e-3,all:1000:1e-4.") from None
+        stages.append((parts[0], steps, lr))
+    return tuple(stages)
+
+
 # ----------------------------------------------------------------------------------------------- DDP
 @dataclass
 class DistEnv:
@@ -305,16 +356,28 @@ class DistillConfig:
     save_every: int = 500
     eval_every: int = 500
     keep_checkpoints: int = 0  # 0 = keep all
+    # Staged training: ((train, steps, lr or None = --lr), …) in order; replaces `train` and `max_steps`.
+    stages: tuple[tuple[str, int, float | None], ...] | None = None
+    select: str = "last"  # which weights the run ships: "last", or "best" (lowest validation CE)
+    patience: int = 0  # end a stage after this many evaluations without improvement (0 = never)
+    min_delta: float = 0.0  # an improvement is a val CE below the best so far by more than this
 
-    # What a resume must agree on (save/eval cadence and step limits may change between tries).
+    # What a resume must agree on (save/eval cadence, patience and step limits may change between tries).
     RESUME_KEYS = ("kl_weight", "ce_weight", "temperature", "train", "lr", "weight_decay", "betas", "warmup",
                    "schedule", "grad_accum", "clip", "epochs", "max_steps", "batch_tokens", "pool_size",
-                   "seed", "dtype")
+                   "seed", "dtype", "stages", "select", "min_delta")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["betas"] = list(self.betas)
+        d["stages"] = None if self.stages is None else [list(st) for st in self.stages]
         return d
+
+    def plan(self, total_steps: int) -> list[tuple[str, int, float]]:
+        """The run as stages [(train, steps, lr)]: --stages, or one stage of `total_steps` steps."""
+        if self.stages is None:
+            return [(self.train, total_steps, self.lr)]
+        return [(t, int(n), self.lr if lr is None else float(lr)) for t, n, lr in self.stages]
 
     def check(self) -> list[str]:
         """Raise a UserError for a value the run cannot use, before anything is written (AdamW itself would
@@ -348,7 +411,30 @@ class DistillConfig:
         for name, v in (("--save-every", self.save_every), ("--eval-every", self.eval_every),
                         ("--keep-checkpoints", self.keep_checkpoints)):
             need(v >= 0, f"{name} must be 0 or positive (got {v}).")
+        need(self.select in SELECT_RULES, f"Unknown --select {self.select!r}; use best or last.")
+        need(isinstance(self.patience, int) and self.patience >= 0,
+             f"--patience must be 0 (off) or a number of evaluations (got {self.patience}).")
+        need(self.min_delta >= 0 and math.isfinite(self.min_delta),
+             f"--min-delta must be 0 or positive (got {self.min_delta}).")
+        if self.stages is not None:
+            need(self.max_steps is None, "--stages sets the steps of every stage, so it cannot be combined with "
+                                         "--max-steps; drop --max-steps.")
+            need(self.epochs is None, "--stages sets the steps of every stage, so it cannot be combined with "
+                                      "--epochs; drop --epochs.")
+            need(len(self.stages) >= 1, "--stages is empty; give TRAIN:STEPS items like mamba:2000,all:1000.")
+            for t, n, lr in self.stages:
+                need(isinstance(t, str) and t != "" and isinstance(n, int) and n >= 1,
+                     f"--stages item {t}:{n} needs a TRAIN (mamba, all or a glob) and at least 1 step.")
+                need(lr is None or (lr >= 0 and math.isfinite(lr)),
+                     f"--stages item {t}:{n}:{lr} has a learning rate that is not 0 or positive.")
         warnings = []
+        if self.patience > 0 and self.eval_every == 0:
+            warnings.append(f"--patience {self.patience} counts evaluations, but --eval-every 0 evaluates only at "
+                            "the start and at the end of each stage, so it never stops anything; set --eval-every.")
+        for t, n, _ in (self.stages or ()):
+            if self.warmup > n:
+                warnings.append(f"--warmup {self.warmup} exceeds the {n} steps of stage {t}:{n}, so its learning "
+                                "rate never reaches its peak; lower --warmup if that is not intended.")
         if self.max_steps is not None and self.warmup > self.max_steps:
             warnings.append(f"--warmup {self.warmup} exceeds --max-steps {self.max_steps}, so the learning rate "
                             f"never reaches --lr {self.lr:g} (it stops at {self.max_steps / self.warmup:.0%} of "
@@ -358,6 +444,12 @@ class DistillConfig:
 
 class Distiller:
     """setup → train → save_checkpoint, with resume. Only rank 0 prints and writes.
+
+    The run is a list of stages (`DistillConfig.plan`; one stage unless --stages). Each stage has its own
+    trainable set, a fresh AdamW over it and its own warm-up + schedule over its steps; the step counter is
+    global. Validation (rank 0) runs at step 0, every eval_every global steps and at the end of every stage;
+    each evaluation that improves the best val CE by more than min_delta becomes the best (with --select best
+    its weights are kept in best/step-NNNNNN/); `patience` evaluations in a row without one end the stage.
 
     `progress(step, total, metrics)` is the stage's hook for its progress bar (called on every rank's
     step; the stage disables the bar on ranks other than 0)."""
@@ -371,14 +463,24 @@ class Distiller:
         self.env = env or DistEnv()
         self.device = torch.device(device)
         self.progress = progress
-        self.step = 0  # optimizer steps done
-        self.position = (0, 0)  # (epoch, next step index within the epoch)
+        self.step = 0  # optimizer steps done (global: it runs on across stages)
+        self.position = (0, 0)  # (epoch, next step index within the epoch); the data stream runs on too
         self.metrics_path = self.partial / METRICS_FILE
+        self.stage = 0  # index into self.plan
+        self.stage_start = 0  # global step at which the current stage began
+        self.stage_stopped = False  # the current stage was ended by early stopping
+        self.stage_log: list[dict] = []  # per stage entered: train, start, end (None while running), stopped_early
+        self.best: dict | None = None  # {"step", "stage", "val_ce", "val_accuracy"} of the best evaluation
+        self.bad_evals = 0  # evaluations in a row, within this stage, without an improvement (rank 0)
+        self.last_val: dict | None = None  # the latest validation row (rank 0)
+        self.last_eval_step = -1
+        self._epoch_cache: tuple[int, list] | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume_from: Path | None = None) -> None:
         cfg = self.cfg
         cfg.check()  # library callers get the stage's checks too (the stage ran them before writing anything)
+        check_selection(cfg, bool(self.val_utts))
         # Per-rank randomness (none in the loss today; dropout-free models) gets its own stream.
         random.seed(cfg.seed + self.env.rank)
         torch.manual_seed(cfg.seed + self.env.rank)
@@ -389,11 +491,30 @@ class Distiller:
 
         self.teacher.to(self.device).eval().requires_grad_(False)
         self.student.to(self.device).train()
-        self.trainable = select_trainable(self.student, cfg.train)
         self.student.backbone.gradient_checkpointing = cfg.grad_checkpointing
+        self.lengths = [utterance_tokens(u) for u in self.train_utts]
+        self.total_steps = self._count_total_steps()
+        self.plan = cfg.plan(self.total_steps)
+        for train, _, _ in self.plan:  # every stage's selection fails here, not hours into the run
+            select_trainable(self.student, train)
+        state = None
         if resume_from is not None:
             self._load_weights(resume_from)
+            state = self._read_trainer_state(resume_from)
+        self._enter_stage(int(state.get("stage", 0)) if state else 0,
+                          int(state.get("stage_start", 0)) if state else 0)
+        if state is not None:
+            self._apply_trainer_state(state, resume_from)
 
+    def _enter_stage(self, index: int, start: int) -> None:
+        """Stage `index` begins at global step `start`: its trainable set, a fresh AdamW over that set (the
+        previous stage's moments belong to another set and another point of the loss surface), and a new DDP
+        wrapper (DDP registers its gradient hooks for the parameters that require grad when it wraps)."""
+        cfg = self.cfg
+        train, self.stage_steps, self.stage_lr = self.plan[index]
+        self.stage, self.stage_start, self.stage_stopped, self.bad_evals = index, start, False, 0
+        self.stage_log.append({"stage": index, "train": train, "start": start, "end": None, "stopped_early": False})
+        self.trainable = select_trainable(self.student, train)
         decay, no_decay = [], []
         for n, p in self.student.named_parameters():
             if p.requires_grad:
@@ -401,29 +522,42 @@ class Distiller:
                 (decay if p.ndim >= 2 else no_decay).append(p)
         groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        self.optimizer = torch.optim.AdamW(groups, lr=self.stage_lr, betas=tuple(cfg.betas))
 
         self.model: nn.Module = SpeechTargetLogits(self.student)
         if self.env.distributed:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-        self.lengths = [utterance_tokens(u) for u in self.train_utts]
-        self.total_steps = self._count_total_steps()
-        if resume_from is not None:
-            self._load_trainer_state(resume_from)
-
     def _epoch_steps(self, epoch: int) -> list[list[list[int]]]:
+        if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
+            return self._epoch_cache[1]
         batches = token_batches(self.lengths, self.cfg.batch_tokens, self.cfg.seed, epoch, self.cfg.pool_size)
         a = self.cfg.grad_accum
-        return [batches[i:i + a] for i in range(0, len(batches), a)]
+        steps = [batches[i:i + a] for i in range(0, len(batches), a)]
+        self._epoch_cache = (epoch, steps)
+        return steps
 
     def _count_total_steps(self) -> int:
         cfg = self.cfg
+        if cfg.stages is not None:
+            return sum(n for _, n, _ in cfg.stages)
         if cfg.epochs is None:
             return cfg.max_steps if cfg.max_steps is not None else len(self._epoch_steps(0))
         total = sum(len(self._epoch_steps(e)) for e in range(cfg.epochs))
         return min(total, cfg.max_steps) if cfg.max_steps is not None else total
+
+    def _next_micro_batches(self) -> list[list[int]] | None:
+        """The micro-batches of the next optimizer step (position moves to it), None when --epochs are done."""
+        epoch, s = self.position
+        while self.cfg.epochs is None or epoch < self.cfg.epochs:
+            steps = self._epoch_steps(epoch)
+            if s < len(steps):
+                self.position = (epoch, s)
+                return steps[s]
+            epoch, s = epoch + 1, 0
+        self.position = (epoch, 0)
+        return None
 
     # ------------------------------------------------------------------ one optimizer step
     def _forward_micro(self, utts: list[Utterance], weight: float, global_targets: int
@@ -447,7 +581,8 @@ class Distiller:
         """One optimizer step over global micro-batches (lists of utterance indices)."""
         cfg, env = self.cfg, self.env
         t0 = time.perf_counter()
-        lr = lr_at(self.step, cfg.lr, cfg.warmup, self.total_steps, cfg.schedule)
+        # The schedule restarts with every stage: warm-up and decay over that stage's own steps.
+        lr = lr_at(self.step - self.stage_start, self.stage_lr, cfg.warmup, self.stage_steps, cfg.schedule)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         global_targets = sum(target_tokens(self.train_utts[i]) for mb in micro_batches for i in mb)
@@ -478,12 +613,12 @@ class Distiller:
         self.step += 1
         dt = time.perf_counter() - t0
         kl, ce = kl_total / global_targets, ce_total / global_targets
-        return {"kind": "train", "step": self.step, "epoch": self.position[0], "lr": lr,
+        return {"kind": "train", "step": self.step, "stage": self.stage, "epoch": self.position[0], "lr": lr,
                 "loss": (cfg.kl_weight * cfg.temperature ** 2 * kl + cfg.ce_weight * ce), "kl": kl, "ce": ce,
                 "grad_norm": grad_norm, "tokens": global_inputs, "target_tokens": global_targets,
                 "tokens_per_s": global_inputs / dt}
 
-    # ------------------------------------------------------------------ validation
+    # ------------------------------------------------------------------ validation and selection
     def evaluate(self) -> dict | None:
         if not self.val_utts or not self.env.is_main:
             return None
@@ -492,36 +627,100 @@ class Distiller:
         self.student.eval()
         r = score_utterances(self.student, self.val_utts, batch_size=8)
         self.student.train()
-        return {"kind": "val", "step": self.step, "val_ce": r["ce"], "val_accuracy": r["accuracy"],
-                "val_tokens": r["tokens"]}
+        return {"kind": "val", "step": self.step, "stage": self.stage, "val_ce": r["ce"],
+                "val_accuracy": r["accuracy"], "val_tokens": r["tokens"]}
+
+    def _evaluate_and_track(self) -> None:
+        """Evaluate (rank 0), update the best and the count of evaluations without improvement, keep the best
+        weights (--select best), and append the val row (with `improved`, `best_step`, `bad_evals`)."""
+        self.last_eval_step = self.step
+        row = self.evaluate()
+        if row is None:
+            return
+        ce = row["val_ce"]
+        improved = math.isfinite(ce) and (self.best is None or ce < self.best["val_ce"] - self.cfg.min_delta)
+        if improved:
+            self.best = {"step": self.step, "stage": self.stage, "val_ce": ce, "val_accuracy": row["val_accuracy"]}
+            self.bad_evals = 0
+            if self.cfg.select == "best":
+                self._save_best()
+        else:
+            self.bad_evals += 1
+        row.update(improved=improved, best_step=None if self.best is None else self.best["step"],
+                   bad_evals=self.bad_evals)
+        self._write_metrics(row)
+        self.last_val = row
+
+    def _agree(self, flag: bool) -> bool:
+        """Rank 0's decision (only rank 0 evaluates) on every rank."""
+        if not self.env.distributed:
+            return flag
+        import torch.distributed as dist
+
+        box = [bool(flag)]
+        dist.broadcast_object_list(box, src=0)
+        return bool(box[0])
+
+    def _stage_over(self) -> bool:
+        return self.stage_stopped or self.step - self.stage_start >= self.stage_steps
+
+    def _run_over(self) -> bool:
+        return self.stage == len(self.plan) - 1 and self._stage_over()
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         cfg = self.cfg
         if self.step == 0:
-            self._write_metrics(self.evaluate())
-        epoch, start = self.position
+            self._evaluate_and_track()
         last: dict = {}
-        while self.step < self.total_steps and (cfg.epochs is None or epoch < cfg.epochs):
-            steps = self._epoch_steps(epoch)
-            for s in range(start, len(steps)):
-                self.position = (epoch, s)
-                last = self.train_step(steps[s])
-                self.position = (epoch, s + 1)
-                self._write_metrics(last)
-                if self.progress:
-                    self.progress(self.step, self.total_steps, last)
-                if cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
-                    self._write_metrics(self.evaluate())
-                if cfg.save_every > 0 and self.step % cfg.save_every == 0 and self.step < self.total_steps:
-                    self.save_checkpoint()
-                if self.step >= self.total_steps:
+        while True:
+            if self._stage_over():
+                self.stage_log[-1].update(end=self.step, stopped_early=self.stage_stopped)
+                if self.stage + 1 >= len(self.plan):
                     break
-            epoch, start = epoch + 1, 0
-            self.position = (epoch, 0)
-        final_val = self.evaluate()
-        self._write_metrics(final_val)
-        return {"steps": self.step, "last_train": last, "final_val": final_val}
+                self._enter_stage(self.stage + 1, self.step)
+                continue
+            micro = self._next_micro_batches()
+            if micro is None:  # --epochs done (total_steps counts them, so only a safety net)
+                self.stage_log[-1].update(end=self.step)
+                break
+            epoch, s = self.position
+            last = self.train_step(micro)
+            self.position = (epoch, s + 1)
+            self._write_metrics(last)
+            if self.progress:
+                self.progress(self.step, self.total_steps, last)
+            stage_end = self._stage_over()
+            if (cfg.eval_every > 0 and self.step % cfg.eval_every == 0) or stage_end:
+                self._evaluate_and_track()
+                # Patience ends the stage (the next one, if any, starts with a fresh count); the best so far
+                # is always the whole run's.
+                if cfg.patience > 0 and not stage_end and self._agree(self.bad_evals >= cfg.patience):
+                    self.stage_stopped = True
+            if cfg.save_every > 0 and self.step % cfg.save_every == 0 and not self._run_over():
+                self.save_checkpoint()
+        if self.last_eval_step != self.step:
+            self._evaluate_and_track()
+        stops = [st for st in self.stage_log if st["stopped_early"]]
+        return {"steps": self.step, "last_train": last, "final_val": self.last_val, "best": self.best,
+                "stopped_early": bool(stops), "stopped_at": stops[-1]["end"] if stops else None,
+                "stages": [dict(st) for st in self.stage_log]}
+
+    def selected(self) -> tuple[dict, dict]:
+        """(state dict to ship, what chose it: {"rule", "step", "val_ce"}), on rank 0 after `train`.
+
+        --select best: the weights of the best evaluation (read back from best/step-NNNNNN/ unless that is
+        the last step); --select last (or no finite val CE at all): the current weights."""
+        if self.cfg.select == "best" and self.best is not None:
+            rule = {"rule": "best val CE", "step": self.best["step"], "val_ce": self.best["val_ce"]}
+            if self.best["step"] == self.step:
+                return self.student.state_dict(), rule
+            from mamtra_cli.checkpoints import WEIGHTS_FILE, load_weights_file
+
+            path = self._best_dir(self.best["step"]) / WEIGHTS_FILE
+            return load_weights_file(path, "start the run again", device="cpu"), rule
+        val_ce = None if self.last_val is None or self.last_val["step"] != self.step else self.last_val["val_ce"]
+        return self.student.state_dict(), {"rule": "last", "step": self.step, "val_ce": val_ce}
 
     def _write_metrics(self, row: dict | None) -> None:
         if row is None or not self.env.is_main:
@@ -530,6 +729,47 @@ class Distiller:
             f.write(json.dumps(row) + "\n")
 
     # ------------------------------------------------------------------ checkpoints
+    def _best_dir(self, step: int) -> Path:
+        return self.partial / BEST_DIR / f"step-{step:06d}"
+
+    def _save_best(self) -> None:
+        """Write best/step-NNNNNN/ (a model directory) atomically: temp dir, then one rename. Named by step
+        because a resume from an older checkpoint needs the best that *that* checkpoint knew of (a killed run
+        may have found a later one after its last checkpoint); `_prune_best` drops the rest."""
+        from mamtra_cli import checkpoints
+
+        if not self.env.is_main:
+            return
+        path = self._best_dir(self.best["step"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        manifest = checkpoints.run_manifest("distill-best", inputs={}, parameters=self.cfg.to_dict(),
+                                            outputs=dict(self.best), seed=self.cfg.seed)
+        checkpoints.save_model_dir(tmp, self.student.config, self.student.state_dict(), manifest)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        self._prune_best()
+
+    def _prune_best(self) -> None:
+        """Keep the best weights a resume could need: the current best and the one each kept checkpoint names."""
+        root = self.partial / BEST_DIR
+        if not root.is_dir():
+            return
+        keep = set() if self.best is None else {self.best["step"]}
+        for ckpt in complete_checkpoints(self.partial):
+            try:
+                keep.add(int(json.loads((ckpt / "manifest.json").read_text())["outputs"]["best_step"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        for d in root.iterdir():
+            if d.name.startswith(".") or not (d.name.startswith("step-") and d.name[5:].isdigit()
+                                              and int(d.name[5:]) in keep):
+                shutil.rmtree(d, ignore_errors=True)
+
     def save_checkpoint(self) -> Path | None:
         """Write `checkpoints/step-NNNNNN/` atomically (temp dir, COMPLETE marker last, rename)."""
         from mamtra_cli import checkpoints
@@ -552,13 +792,18 @@ class Distiller:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
+            best_step = None if self.best is None else self.best["step"]
             manifest = checkpoints.run_manifest("distill-checkpoint", inputs={}, parameters=self.cfg.to_dict(),
-                                                outputs={"step": self.step}, seed=self.cfg.seed)
+                                                outputs={"step": self.step, "stage": self.stage,
+                                                         "best_step": best_step}, seed=self.cfg.seed)
             checkpoints.save_model_dir(tmp, self.student.config, self.student.state_dict(), manifest)
             state = {"step": self.step, "total_steps": self.total_steps,
                      "position": {"epoch": self.position[0], "step_in_epoch": self.position[1]},
                      "optimizer": self.optimizer.state_dict(),
-                     "schedule": {"name": self.cfg.schedule, "step": self.step},
+                     "schedule": {"name": self.cfg.schedule, "step": self.step - self.stage_start},
+                     "stage": self.stage, "stage_start": self.stage_start, "stage_stopped": self.stage_stopped,
+                     "stage_log": [dict(st) for st in self.stage_log],
+                     "best": None if self.best is None else dict(self.best), "bad_evals": self.bad_evals,
                      "rng": all_rng, "world_size": env.world}
             torch.save(state, tmp / TRAINER_STATE_FILE)
             (tmp / COMPLETE_MARKER).write_text(f"step {self.step}\n")
@@ -566,6 +811,7 @@ class Distiller:
                 shutil.rmtree(path)
             os.replace(tmp, path)
             self._prune_checkpoints()
+            self._prune_best()
         barrier(env)
         return path
 
@@ -593,13 +839,23 @@ class Distiller:
         self.student.load_state_dict(state, strict=True)
         check_finite_weights(self.student, f"Checkpoint weights {path}", self._resume_fix(ckpt))
 
-    def _load_trainer_state(self, ckpt: Path) -> None:
+    def _read_trainer_state(self, ckpt: Path) -> dict:
         from mamtra_cli.checkpoints import load_foreign_checkpoint
 
-        path = Path(ckpt) / TRAINER_STATE_FILE
         # Not memory-mapped: AdamW keeps updating these tensors in place for the rest of the run.
         # CPU: RNG states must stay CPU tensors; the optimizer moves its state to the parameters itself.
-        state = load_foreign_checkpoint(path, self._resume_fix(ckpt), mmap=False)
+        state = load_foreign_checkpoint(Path(ckpt) / TRAINER_STATE_FILE, self._resume_fix(ckpt), mmap=False)
+        try:
+            ok = 0 <= int(state.get("stage", 0)) < len(self.plan) and int(state.get("stage_start", 0)) >= 0
+        except (AttributeError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise UserError(f"Trainer state {Path(ckpt) / TRAINER_STATE_FILE} is damaged or from another run "
+                            f"(its stage is not one of this run's); {self._resume_fix(ckpt)}.")
+        return state
+
+    def _apply_trainer_state(self, state: dict, ckpt: Path) -> None:
+        path = Path(ckpt) / TRAINER_STATE_FILE
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             step = int(state["step"])
@@ -607,17 +863,38 @@ class Distiller:
             rng = state["rng"]
             if len(rng) == self.env.world:
                 _set_rng_state(rng[self.env.rank])
+            # Checkpoints written before stages existed hold none of these: one stage, nothing best yet.
+            self.stage_stopped = bool(state.get("stage_stopped", False))
+            self.stage_log = [dict(st) for st in state.get("stage_log", self.stage_log)]
+            best = state.get("best")
+            self.best = None if best is None else {k: best[k] for k in ("step", "stage", "val_ce", "val_accuracy")}
+            self.bad_evals = int(state.get("bad_evals", 0))
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
             raise UserError(f"Trainer state {path} is damaged or from another run ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:160] if str(e) else 'missing field'}); "
                             f"{self._resume_fix(ckpt)}.") from None
         self.step, self.position = step, position
+        if self.cfg.select == "best" and self.best is not None:
+            best_dir = self._best_dir(self.best["step"])
+            if not (best_dir / "manifest.json").is_file():  # written last, then one rename
+                raise UserError(f"--resume: {ckpt} names the weights of step {self.best['step']} as the best so "
+                                f"far, but {best_dir} is missing or incomplete; {self._resume_fix(ckpt)}.")
         if self.env.is_main and self.metrics_path.exists():
             # Drop metric rows written after the checkpoint (the killed try went further than it saved).
             rows = [r for r in read_metric_rows(self.metrics_path) if r.get("step", 0) <= self.step]
             tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp-{os.getpid()}")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
             os.replace(tmp, self.metrics_path)  # never a half-rewritten metrics file
+
+
+def check_selection(cfg: DistillConfig, has_val: bool) -> None:
+    """--select best and --patience both read the validation CE, so they need --val."""
+    if cfg.select == "best" and not has_val:
+        raise UserError("--select best picks the weights with the lowest validation CE, so it needs --val; pass "
+                        "--val VAL.jsonl or use --select last.")
+    if cfg.patience > 0 and not has_val:
+        raise UserError("--patience stops when the validation CE stops improving, so it needs --val; pass "
+                        "--val VAL.jsonl or drop --patience.")
 
 
 def check_pair(teacher: SpeechLM, student: SpeechLM, teacher_name: str, student_name: str) -> None:
@@ -760,21 +1037,27 @@ def bench_training(hidden: int = 896, layers: int = 24, heads: int = 14, kv_head
 LOG_EVERY_S = 30.0  # without a terminal (a log file, CI): one progress line at most this often
 
 
-def distill(teacher: str | Path, student: Path, data: Path, out: Path, val: Path | None = None,
-            kl_weight: float = 1.0, ce_weight: float = 1.0, temperature: float = 1.0, train: str = "mamba",
+def distill(teacher: str | Path, student: Path, data: Path | list[Path], out: Path, val: Path | None = None,
+            kl_weight: float = 1.0, ce_weight: float = 1.0, temperature: float = 1.0, train: str | None = None,
             lr: float = 1e-4, weight_decay: float = 0.01, betas: str | tuple[float, float] = "0.9,0.95",
             warmup: int = 100, schedule: str = "cosine", grad_accum: int = 1, clip: float = 1.0,
             epochs: int | None = None, max_steps: int | None = None, batch_tokens: int = 4096, seed: int = 0,
             dtype: str = "fp32", grad_checkpointing: bool = False, device: str = "auto", save_every: int = 500,
-            eval_every: int = 500, keep_checkpoints: int = 0, resume: bool = False, threads: int | None = None,
+            eval_every: int = 500, keep_checkpoints: int = 0, stages: str | None = None, select: str | None = None,
+            patience: int = 0, min_delta: float = 0.0, resume: bool = False, threads: int | None = None,
             force: bool = False, *, console=None) -> dict | None:
     """`mamtra distill`: distil `student` (a model dir from `transfer`, or a distill output/checkpoint) from
-    `teacher` (`mini`, a CosyVoice 2 dir or a MamTra model dir) on the data manifest `data`, with validation CE
+    `teacher` (`mini`, a CosyVoice 2 dir or a MamTra model dir) on the data manifest `data` (one path, or a list
+    of manifests made with the same tokenizers, e.g. real + pseudo-labelled, concatenated), with validation CE
     on `val`, into the model directory `out` (run state in OUT.partial/, see the module docstring; `resume`
-    continues it). The keyword arguments are the options of `mamtra distill` (its --help explains each).
+    continues it). The keyword arguments are the options of `mamtra distill` (its --help explains each):
+    `stages` ("mamba:2000,all:1000", replacing `train`/`max_steps`), `select` ("best" | "last"; default best
+    with `val`), `patience`/`min_delta` (early stopping on val CE).
 
     Returns the final metrics that `mamtra distill --json` prints (on rank 0; None on the other ranks of a
-    torchrun). `console` (rich) gets the progress bar and messages; default stderr on rank 0.
+    torchrun): val_ce/val_accuracy of the model in OUT, last_val_ce/last_val_accuracy of the last step,
+    `selected` {"rule", "step", "val_ce"}, stopped_early/stopped_at, the stages run, utterances, …
+    `console` (rich) gets the progress bar and messages; default stderr on rank 0.
     """
     import sys
 
@@ -790,10 +1073,17 @@ def distill(teacher: str | Path, student: Path, data: Path, out: Path, val: Path
     env = dist_env_from_environ()
     console = console or stderr_console(quiet=not env.is_main)
     check_threads(threads)
-    teacher, student, data, out = str(teacher), Path(student), Path(data), Path(out)
+    teacher, student, out = str(teacher), Path(student), Path(out)
+    datas = [Path(d) for d in ([data] if isinstance(data, (str, Path)) else data)]
     val = None if val is None else Path(val)
 
     # ---- parse and check everything before writing anything
+    if not datas:
+        raise UserError("No --data manifest given; pass --data TRAIN.jsonl (repeat it for several manifests).")
+    resolved = [d.resolve() for d in datas]
+    for i, d in enumerate(resolved):
+        if d in resolved[:i]:
+            raise UserError(f"--data {datas[i]} is given twice; pass each manifest once.")
     try:
         b1, b2 = (float(x) for x in (betas.split(",") if isinstance(betas, str) else betas))
     except (ValueError, TypeError):
@@ -802,21 +1092,32 @@ def distill(teacher: str | Path, student: Path, data: Path, out: Path, val: Path
         raise UserError(f"Unknown --schedule {schedule!r}; use one of {', '.join(SCHEDULES)}.")
     if dtype not in ("fp32", "bf16"):
         raise UserError(f"Unknown --dtype {dtype!r}; use fp32 or bf16.")
+    if stages is not None and train is not None:
+        raise UserError("--stages sets what trains in every stage, so it cannot be combined with --train; put "
+                        "the TRAIN into each stage, like --stages mamba:2000,all:1000.")
+    stage_plan = None if stages is None else parse_stages(stages)
+    if select is None:
+        select = "best" if val is not None else "last"
     dev = pick_device(device, env)
     if dtype == "bf16" and dev.type != "cuda":
         raise UserError("--dtype bf16 autocast is only supported on CUDA; on CPU use --dtype fp32.")
-    cfg = DistillConfig(kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature, train=train, lr=lr,
+    cfg = DistillConfig(kl_weight=kl_weight, ce_weight=ce_weight, temperature=temperature,
+                        train=None if stage_plan else (train or "mamba"), lr=lr,
                         weight_decay=weight_decay, betas=(b1, b2), warmup=warmup, schedule=schedule,
                         grad_accum=grad_accum, clip=clip, epochs=epochs, max_steps=max_steps,
                         batch_tokens=batch_tokens, seed=seed, dtype=dtype, grad_checkpointing=grad_checkpointing,
-                        save_every=save_every, eval_every=eval_every, keep_checkpoints=keep_checkpoints)
-    for warning in cfg.check():  # values are checked before OUT.partial/ or anything else is created
+                        save_every=save_every, eval_every=eval_every, keep_checkpoints=keep_checkpoints,
+                        stages=stage_plan, select=select, patience=patience, min_delta=min_delta)
+    warnings = cfg.check()  # values are checked before OUT.partial/ or anything else is created
+    check_selection(cfg, val is not None)
+    for warning in warnings:
         if env.is_main:
             print(f"mamtra distill: warning: {warning}", file=sys.stderr)
     checkpoints.check_output_dir(out, force)
     partial = partial_dir(out)
     run_inputs = {"teacher": str(Path(teacher).resolve()), "student": str(student.resolve()),
-                  "data": str(data.resolve())}
+                  # one manifest stays a string: the run.json of runs from before --data was repeatable
+                  "data": str(resolved[0]) if len(resolved) == 1 else [str(d) for d in resolved]}
     resume_from = None
     if resume:
         found = complete_checkpoints(partial)
@@ -837,16 +1138,24 @@ def distill(teacher: str | Path, student: Path, data: Path, out: Path, val: Path
     n_threads = apply_threads(threads, count_parameters(teacher_lm, student_lm))
     check_pair(teacher_lm, student_lm, str(teacher), str(student))
     scfg = student_lm.config
-    train_header, train_utts = read_manifest(data, text_vocab=scfg.text_vocab_size,
-                                             speech_vocab=scfg.speech_token_size)
+    headers, train_utts, data_inputs = [], [], []
+    for d in datas:
+        header, utts = read_manifest(d, text_vocab=scfg.text_vocab_size, speech_vocab=scfg.speech_token_size)
+        if headers:  # real and pseudo-labelled data must share their tokenizers to be mixed
+            check_same_tokenizers(headers[0], header, str(datas[0]), str(d))
+        check_utterance_lengths(utts, scfg.max_position_embeddings, str(d))
+        headers.append(header)
+        train_utts.extend(utts)
+        data_inputs.append({**manifest_fingerprint(d), "utterances": len(utts)})
     val_utts = None
     if val is not None:
         val_header, val_utts = read_manifest(val, text_vocab=scfg.text_vocab_size,
                                              speech_vocab=scfg.speech_token_size)
-        check_same_tokenizers(train_header, val_header, str(data), str(val))
+        for d, header in zip(datas, headers):
+            check_same_tokenizers(header, val_header, str(d), str(val))
         check_utterance_lengths(val_utts, scfg.max_position_embeddings, str(val))  # scored at step 0
-    check_utterance_lengths(train_utts, scfg.max_position_embeddings, str(data))
-    select_trainable(student_lm, train)  # a glob matching nothing fails here, before any writing
+    for stage_train, _, _ in cfg.plan(0):  # a glob matching nothing fails here, before any writing
+        select_trainable(student_lm, stage_train)
 
     # ---- set up the run directory (rank 0) and the process group
     setup_distributed(env, dev)
@@ -889,31 +1198,44 @@ def distill(teacher: str | Path, student: Path, data: Path, out: Path, val: Path
         # ---- final output (rank 0): OUT written in one rename, then OUT.partial removed
         if env.is_main:
             last = result["last_train"]
+            final_val = result["final_val"] or {}
+            state, selected = trainer.selected()
+            shipped_val = (result["best"] or {}) if selected["rule"] == "best val CE" else final_val
             metrics = {"steps": result["steps"], "train_loss": last.get("loss"), "train_kl": last.get("kl"),
                        "train_ce": last.get("ce"),
-                       "val_ce": (result["final_val"] or {}).get("val_ce"),
-                       "val_accuracy": (result["final_val"] or {}).get("val_accuracy")}
+                       "val_ce": shipped_val.get("val_ce"), "val_accuracy": shipped_val.get("val_accuracy"),
+                       "last_val_ce": final_val.get("val_ce"), "last_val_accuracy": final_val.get("val_accuracy"),
+                       "selected": selected, "stopped_early": result["stopped_early"],
+                       "stopped_at": result["stopped_at"], "utterances": len(train_utts)}
+            if stage_plan is not None:
+                metrics["stages"] = result["stages"]
+            if selected["rule"] == "best val CE" and selected["step"] == 0 and result["steps"] > 0:
+                print(f"mamtra distill: warning: the untrained student (step 0) had the lowest validation CE "
+                      f"({selected['val_ce']:.4f}; last step {final_val.get('val_ce', float('nan')):.4f}), so "
+                      f"{out} holds it unchanged; try a lower --lr, fewer steps or more data.", file=sys.stderr)
             inputs = {"teacher": teacher_info,
                       "student": {"path": str(student.resolve()),
                                   "weights": checkpoints.file_fingerprint(student / checkpoints.WEIGHTS_FILE,
                                                                           limit_bytes=64 * 1024 * 1024),
                                   "manifest_stage": checkpoints.read_manifest(student).get("stage")},
-                      "data": {"path": str(data.resolve()), "utterances": len(train_utts)},
-                      "val": None if val is None else {"path": str(val.resolve()), "utterances": len(val_utts)}}
+                      "data": data_inputs,
+                      "val": None if val is None else {**manifest_fingerprint(val), "utterances": len(val_utts)}}
             manifest = checkpoints.run_manifest(
                 "distill", inputs=inputs, parameters=cfg.to_dict(), seed=seed, metrics=metrics,
                 outputs={"metrics": METRICS_FILE, "plot": PLOT_FILE, "checkpoints": "checkpoints/",
                          "trainable": trainer.trainable[:50], "num_trainable_tensors": len(trainer.trainable)},
+                selected=selected, stopped_early=result["stopped_early"], stopped_at=result["stopped_at"],
                 world_size=env.world, threads=n_threads,
                 resumed_from=None if resume_from is None else str(resume_from))
             with checkpoints.staged_output(out, force) as tmp:
                 link_tree(partial / "checkpoints", tmp / "checkpoints")
                 shutil.copy2(partial / METRICS_FILE, tmp / METRICS_FILE)
                 plot_loss_curve(tmp / METRICS_FILE, tmp / PLOT_FILE, title=f"distill {out.name}")
-                checkpoints.save_model_dir(tmp, student_lm.config, student_lm.state_dict(), manifest)
+                checkpoints.save_model_dir(tmp, student_lm.config, state, manifest)
             shutil.rmtree(partial, ignore_errors=True)
             val_ce = "n/a" if metrics["val_ce"] is None else f"{metrics['val_ce']:.4f}"
-            console.print(f"wrote {out}: {result['steps']} steps, val CE {val_ce}", markup=False, highlight=False)
+            console.print(f"wrote {out}: {result['steps']} steps, weights of step {selected['step']} "
+                          f"({selected['rule']}), val CE {val_ce}", markup=False, highlight=False)
             summary = {"out": str(out), **metrics, "threads": n_threads}
         barrier(env)
     finally:
@@ -921,8 +1243,23 @@ def distill(teacher: str | Path, student: Path, data: Path, out: Path, val: Path
     return summary
 
 
+def manifest_fingerprint(path: Path) -> dict:
+    """{"path", "sha256"} of a data manifest: the sha256 of the file (as `sha256sum` prints it), or for a
+    directory of shards the sha256 of its "NAME SHA256\\n" lines in name order."""
+    from mamtra_cli.checkpoints import file_fingerprint
+    from mamtra_cli.data_manifest import manifest_files
+
+    path = Path(path)
+    files = manifest_files(path)
+    if not path.is_dir():
+        return {"path": str(path.resolve()), "sha256": file_fingerprint(path)["sha256"]}
+    lines = "".join(f"{f.name} {file_fingerprint(f)['sha256']}\n" for f in files)
+    return {"path": str(path.resolve()), "sha256": hashlib.sha256(lines.encode()).hexdigest(), "shards": len(files)}
+
+
 def check_resume_config(run_file: Path, cfg, keys, inputs: dict) -> None:
-    """A resume must use the inputs and the hyper-parameters of the interrupted run (cadences may change)."""
+    """A resume must use the inputs and the hyper-parameters of the interrupted run (cadences may change).
+    A key the run file lacks (written before the option existed) counts as that option's default."""
     try:
         saved = json.loads(run_file.read_text())
     except (OSError, json.JSONDecodeError):
@@ -932,10 +1269,11 @@ def check_resume_config(run_file: Path, cfg, keys, inputs: dict) -> None:
             raise UserError(f"--resume: --{k} is {v} but the interrupted run used {saved.get('inputs', {}).get(k)}; "
                             "resume with the same inputs.")
     now = cfg.to_dict()
+    defaults = type(cfg)().to_dict()
     for k in keys:
-        if saved.get(k) != now.get(k):
+        if saved.get(k, defaults.get(k)) != now.get(k):
             raise UserError(f"--resume: --{k.replace('_', '-')} is {now.get(k)!r} but the interrupted run used "
-                            f"{saved.get(k)!r}; resume with the same settings.")
+                            f"{saved.get(k, defaults.get(k))!r}; resume with the same settings.")
 
 
 def link_tree(src: Path, dst: Path) -> None:

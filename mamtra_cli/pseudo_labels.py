@@ -78,7 +78,6 @@ def mini_family(spec: str | Path):
     from mamtra_cli import checkpoints
     from mamtra_cli.mini import BUILTIN_DIR
     from mamtra_cli.mini.backend import MiniBackend
-    from mamtra_cli.mini.build import _tensor_sha
     from mamtra_cli.mini.codec import CODEC_CONFIG, MiniCodec
     from mamtra_cli.mini.text import VOCAB_FILE, CharTokenizer
 
@@ -90,7 +89,7 @@ def mini_family(spec: str | Path):
                         "built-in `mini` and models made from it (CosyVoice 2 teachers are not supported yet).")
     tok = CharTokenizer.load(model_dir if (model_dir / VOCAB_FILE).is_file() else codec_dir)
     codec = MiniCodec.load(codec_dir)
-    speech = {"name": f"mini-codec-kmeans{codec.cfg.codebook_size}", "sha256": _tensor_sha(codec.centroids),
+    speech = {"name": codec.tokenizer_name(), "sha256": codec.fingerprint(),
               "rate_hz": codec.cfg.token_rate}
     return model_dir, tok, speech
 

@@ -3,12 +3,18 @@
 #   1. environment: torch, the GPU, which optional kernels import (mamba-ssm, causal-conv1d)  -> env.json
 #   2. the GPU-marked tests of tests/models (kernel parity, CUDA-graph replay = eager step, no host sync)
 #      -> pytest-gpu.xml; with the kernels installed, again on the pure path (MAMTRA_KERNELS=0)
-#   3. decode ms/step at CosyVoice 2 sizes (teacher and 1:1 hybrid, bf16, batch 1 and 4): dynamic-cache step,
-#      static-cache step, static step replayed as a CUDA graph                        -> decode.json, decode.png
-#   4. `mamtra profile speed` (teacher, 1:1; batch 1,4; contexts 512,2048)        -> speed.{json,csv,png}
+#   3. decode ms/step at CosyVoice 2 sizes (teacher, 1:1 and 1:5 hybrids, bf16, batch 1 and 16, a real
+#      512-token prefill): dynamic-cache step, static-cache step, static step replayed as a CUDA graph
+#                                                                                    -> decode.json, decode.png
+#   4. `mamtra profile speed --decode graph` (teacher, 1:1, 1:5; batch 1,16,64; contexts 512,4096)
+#                                                                                    -> speed.{json,csv,png}
+#      and the same with `--decode dynamic`                                         -> dynamic/speed.{json,csv,png}
+#      then decode_modes.json: per model, batch and context, graph vs dynamic ms/step, each hybrid's decode
+#      speed-up over the teacher in graph mode, and the teacher's fraction of the bandwidth floor
 #   5. `mamtra profile vram --gpu h200` (teacher, 1:1, 1:3; 256/1024 tokens; batch 1,16) -> vram.{json,csv,png}
+#   6. with the kernels installed, steps 2 and 3 again on the pure path (MAMTRA_KERNELS=0), if time is left
 # and summary.json (every step's exit code and seconds). Works with or without mamba-ssm: the pure-PyTorch
-# path is the default, the kernels are used where they import.
+# path is the default, the kernels are used where they import (the fused Mamba decode step among them).
 #
 # Usage: scripts/gpu-check.sh OUT_DIR
 # Environment: PYTHON (default python3), GPU_CHECK_DEVICE (default cuda; `cpu` smoke-tests this script),
@@ -78,11 +84,7 @@ if ! "$PY" -c "from importlib.metadata import entry_points as e; import sys; sys
 fi
 
 # 2. GPU-marked tests (CPU-only tests are CI's job)
-step pytest-gpu 150 "$PY" -m pytest tests/models -m gpu -q -rs -p no:cacheprovider --junitxml "$DIR/pytest-gpu.xml"
-if [[ $HAVE_KERNELS == 1 ]]; then
-    MAMTRA_KERNELS=0 step pytest-gpu-pure 90 "$PY" -m pytest tests/models -m gpu -q -rs -p no:cacheprovider \
-        --junitxml "$DIR/pytest-gpu-pure.xml"
-fi
+step pytest-gpu 100 "$PY" -m pytest tests/models -m gpu -q -rs -p no:cacheprovider --junitxml "$DIR/pytest-gpu.xml"
 
 # 3. decode step: dynamic vs static vs CUDA graph
 DECODE_PY=$(cat <<'EOF'
@@ -95,12 +97,13 @@ from mamtra_cli.models.kernels import kernel_report
 out, device, arch = sys.argv[1], sys.argv[2], sys.argv[3]
 dtype = torch.bfloat16 if device == "cuda" else torch.float32
 variants = ("dynamic", "static", "graph") if device == "cuda" else ("dynamic", "static")
+batches, prompt = ((1, 16), 512) if device == "cuda" else ((1, 4), 200)
 rows = []
-for spec in P.resolve_specs(None, arch, "1:1"):
+for spec in P.resolve_specs(None, arch, "1:1,1:5"):
     model = spec.build(dtype, device)
-    for batch in (1, 4):
-        r = bench_decode(model, batch=batch, prompt=200, steps=48, warmup=8, variants=variants)
-        row = {"model": spec.name, "layout": spec.layout, "batch": batch, "prompt": 200,
+    for batch in batches:
+        r = bench_decode(model, batch=batch, prompt=prompt, steps=48, warmup=8, variants=variants)
+        row = {"model": spec.name, "layout": spec.layout, "batch": batch, "prompt": prompt,
                **{f"{k}_ms": v * 1e3 for k, v in r.items()}}
         row.update({f"{k}_speedup": r["dynamic"] / v for k, v in r.items() if k != "dynamic"})
         rows.append(row)
@@ -118,23 +121,58 @@ for i, v in enumerate(variants):
     ax.bar([j + i * width for j in range(len(rows))], [r[f"{v}_ms"] for r in rows], width, label=v)
 ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(rows))], labels)
 ax.set_ylabel("ms per decode step")
-ax.set_title(f"decode step, {device}, {dtype}, context 200")
+ax.set_title(f"decode step, {device}, {dtype}, context {prompt}")
 ax.legend()
 fig.tight_layout()
 fig.savefig(out + ".png", dpi=120)
 EOF
 )
-step decode 120 "$PY" -c "$DECODE_PY" "$DIR/decode" "$DEVICE" "$ARCH"
-if [[ $HAVE_KERNELS == 1 ]]; then
-    MAMTRA_KERNELS=0 step decode-pure 90 "$PY" -c "$DECODE_PY" "$DIR/decode-pure" "$DEVICE" "$ARCH"
-fi
+step decode 60 "$PY" -c "$DECODE_PY" "$DIR/decode" "$DEVICE" "$ARCH"
 
-# 4. and 5. the profiles, as a user runs them
+# 4. and 5. the profiles, as a user runs them: decode timed as a CUDA graph (the default on CUDA) and on the
+# dynamic cache (the reference), teacher and hybrids at the issue's batches and contexts
 DT=bf16; [[ $DEVICE == cpu ]] && DT=fp32
-step profile-speed 100 "$PY" -m mamtra_cli profile speed --arch "$ARCH" --ratio 1:1 --batch 1,4 \
-    --contexts 512,2048 --decode-steps 16 --repeats 2 --dtype "$DT" --device "$DEVICE" --out "$DIR" --force
-step profile-vram 120 "$PY" -m mamtra_cli profile vram --gpu "$GPU" --arch "$ARCH" --ratio 1:1,1:3 \
+FAST=graph; SPEED_BATCH=1,16,64; SPEED_CTX=512,4096
+[[ $DEVICE == cpu ]] && { FAST=static; SPEED_BATCH=1,4; SPEED_CTX=256,1024; }
+step profile-speed 90 "$PY" -m mamtra_cli profile speed --arch "$ARCH" --ratio 1:1,1:5 --batch "$SPEED_BATCH" \
+    --contexts "$SPEED_CTX" --decode-steps 16 --repeats 2 --dtype "$DT" --device "$DEVICE" --decode "$FAST" \
+    --out "$DIR" --force
+step profile-speed-dynamic 70 "$PY" -m mamtra_cli profile speed --arch "$ARCH" --ratio 1:1,1:5 \
+    --batch "$SPEED_BATCH" --contexts "$SPEED_CTX" --decode-steps 16 --repeats 2 --dtype "$DT" --device "$DEVICE" \
+    --decode dynamic --out "$DIR/dynamic" --force
+step decode-modes 20 "$PY" - "$DIR" <<'EOF'
+import json, os, sys
+d = sys.argv[1]
+fast = json.load(open(f"{d}/speed.json"))
+slow = json.load(open(f"{d}/dynamic/speed.json")) if os.path.exists(f"{d}/dynamic/speed.json") else {"rows": []}
+dyn = {(r["model"], r["batch"], r["context"]): r for r in slow["rows"]}
+rows = []
+for r in fast["rows"]:
+    o = dyn.get((r["model"], r["batch"], r["context"]))
+    rows.append({"model": r["model"], "layout": r["layout"], "batch": r["batch"], "context": r["context"],
+                 f"{fast['decode']}_ms": r["decode_ms_per_step"], "dynamic_ms": o and o["decode_ms_per_step"],
+                 "speedup_vs_dynamic": o and o["decode_ms_per_step"] / r["decode_ms_per_step"],
+                 "decode_speedup_vs_teacher": r["decode_speedup_vs_first"],
+                 "fraction_of_floor": r["fraction_of_floor"], "floor_ms": r["floor_ms_per_step"]})
+out = {"mode": fast["decode"], "device": fast["device"], "dtype": fast["dtype"], "rows": rows,
+       "teacher_batch1_fraction_of_floor": {r["context"]: r["fraction_of_floor"] for r in rows
+                                            if r["model"] == "teacher" and r["batch"] == 1},
+       "min_hybrid_speedup_vs_teacher": min((r["decode_speedup_vs_teacher"] for r in rows
+                                             if r["model"] != "teacher"), default=None)}
+json.dump(out, open(f"{d}/decode_modes.json", "w"), indent=1)
+for r in rows:
+    print("\t".join(str(round(v, 3) if isinstance(v, float) else v) for v in r.values()))
+print(json.dumps({k: out[k] for k in ("teacher_batch1_fraction_of_floor", "min_hybrid_speedup_vs_teacher")}))
+EOF
+step profile-vram 60 "$PY" -m mamtra_cli profile vram --gpu "$GPU" --arch "$ARCH" --ratio 1:1,1:3 \
     --lengths 256,1024 --batch 1,16 --dtype "$DT" --device "$DEVICE" --out "$DIR" --force
+
+# 6. the pure path on the GPU, when the kernels made the runs above take the kernel path
+if [[ $HAVE_KERNELS == 1 ]]; then
+    MAMTRA_KERNELS=0 step pytest-gpu-pure 60 "$PY" -m pytest tests/models -m gpu -q -rs -p no:cacheprovider \
+        --junitxml "$DIR/pytest-gpu-pure.xml"
+    MAMTRA_KERNELS=0 step decode-pure 45 "$PY" -c "$DECODE_PY" "$DIR/decode-pure" "$DEVICE" "$ARCH"
+fi
 
 "$PY" - "$DIR" "$FAILED" "$(( $(date +%s) - T0 ))" <<'EOF'
 import json, sys

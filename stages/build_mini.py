@@ -21,12 +21,16 @@ def build_mini(
                               help="Cache of the intermediate phases (corpus wavs, codec, manifests, checkpoints)."),
     sentences: int = typer.Option(20000, help="Training sentences (each spoken once, voices round-robin)."),
     test_sentences: int = typer.Option(120, help="Held-out sentences, spoken by the held-out voices."),
-    voices: int = typer.Option(8, help="Training voices (espeak-ng voice, variant, pitch, rate); at most 12."),
-    codebook: int = typer.Option(512, help="Codec vocabulary: k-means codes over pairs of 50 Hz mel frames."),
+    voices: int = typer.Option(12, help="Training voices (espeak-ng voice, variant, pitch, rate); at most 12."),
+    quantizer: str = typer.Option("fsq", help="Speech tokenizer: fsq (a learned conv encoder/decoder, 3 levels "
+                                  "× 8 dims = 6561 codes at 25 Hz, as CosyVoice 2) or kmeans (the first mini "
+                                  "codec: k-means over pairs of 50 Hz mel frames and a conv decoder)."),
+    codebook: int = typer.Option(0, help="k-means codes (0: 512); FSQ always has 6561."),
+    tokenizer_steps: int = typer.Option(7000, "--tokenizer-steps", help="Training steps of the FSQ tokenizer."),
     codec_sentences: int = typer.Option(3000, "--codec-sentences",
                                         help="Fit the codebook and the decoder on the first N training "
                                         "utterances (0 = all); every utterance is tokenised."),
-    decoder_steps: int = typer.Option(1000, help="Training steps of the codec decoder."),
+    decoder_steps: int = typer.Option(1000, help="Training steps of the k-means codec's decoder."),
     cycles: str = typer.Option(DEFAULT_CYCLES, "--cycles",
                                help="Teacher training cycles, comma-separated BUDGET:PEAK_LR:WARMUP (budget `Nm` "
                                "minutes or `N` steps): each a linear warm-up and a cosine to 10 % of the peak; "
@@ -63,6 +67,7 @@ def build_mini(
 
     built = build(out, work=work, sentences=sentences, test_sentences=test_sentences, voices=voices,
                   codebook=codebook, codec_sentences=codec_sentences, decoder_steps=decoder_steps, cycles=cycles,
+                  quantizer=quantizer, tokenizer_steps=tokenizer_steps,
                   batch_size=batch_size, hidden=hidden, speech_input_noise=speech_input_noise,
                   render_jobs=render_jobs, threads=threads, seed=seed, phase=phase, toy=toy, force=force)
     if built is not None:

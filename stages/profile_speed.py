@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 
 from mamtra_cli.cli import THREADS_HELP
+from mamtra_cli.models.decode_mode import DECODE_HELP
 
 
 def profile_speed(
@@ -23,6 +24,7 @@ def profile_speed(
     repeats: int = typer.Option(3, "--repeats", min=1, help="Interleaved repeats (model after model); medians are reported."),
     dtype: str = typer.Option("fp32", "--dtype", help="Model and cache dtype: fp32, bf16 or fp16."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available), cuda or cpu."),
+    decode: str = typer.Option("auto", "--decode", help=DECODE_HELP + " The decode steps are timed on this path."),
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for speed.csv, speed.json and speed.png."),
     seed: int = typer.Option(0, "--seed", help="Seed of random weights and inputs."),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
@@ -38,6 +40,8 @@ def profile_speed(
     context depth; the cache is cut back to `context` after each. Medians are reported.
     Memory bandwidth is measured in the same run (256 MiB copy and sum); the floor of one decode step is
     (weights read per step + cache bytes) ÷ read bandwidth, and `of floor` = floor ÷ measured time.
+    --decode static/graph time the steps on a static cache preallocated to context + steps (graph: the step
+    captured once per model, batch and context as a CUDA graph, untimed); the mode is in the notes and JSON.
 
     Example: mamtra profile speed --arch cosyvoice2-0.5b --batch 1,4 --contexts 512,4096 --decode-steps 8
     """
@@ -46,6 +50,6 @@ def profile_speed(
     from mamtra_cli.profiling.speed import format_table, profile_speed as profile
 
     result = profile(model, arch, ratio=ratio, batch=batch, contexts=contexts, decode_steps=decode_steps,
-                     prefill_chunk=prefill_chunk, repeats=repeats, dtype=dtype, device=device, out=out, seed=seed,
-                     threads=threads, force=force)
+                     prefill_chunk=prefill_chunk, repeats=repeats, dtype=dtype, device=device, decode=decode,
+                     out=out, seed=seed, threads=threads, force=force)
     print(json.dumps(result) if json_out else format_table(result))

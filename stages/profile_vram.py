@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from mamtra_cli.cli import THREADS_HELP
+from mamtra_cli.models.decode_mode import DECODE_HELP
 
 
 def profile_vram(
@@ -24,6 +25,8 @@ def profile_vram(
     fill: str = typer.Option("synthetic", "--fill", help="Between prompt and the last decode steps: synthetic (random K/V, no compute) or prefill (real chunks)."),
     decode_steps: int = typer.Option(2, "--decode-steps", min=1, help="Real decode steps that end each run."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available), cuda or cpu."),
+    decode: str = typer.Option("auto", "--decode", help=DECODE_HELP + " static/graph preallocate the cache to "
+                               "the whole length, as synthesis does on that path (not with --bundle)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for vram.csv, vram.json and vram.png."),
     seed: int = typer.Option(0, "--seed", help="Seed of random weights and inputs."),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP + " Used by the worker processes."),
@@ -59,7 +62,8 @@ def profile_vram(
     from mamtra_cli.profiling.vram import format_table, profile_vram as profile
 
     result = profile(gpu, model, arch, ratio=ratio, eval_list=eval_list, lengths=lengths, prompt_tokens=prompt_tokens,
-                     batch=batch, dtype=dtype, fill=fill, decode_steps=decode_steps, device=device, out=out, seed=seed,
+                     batch=batch, dtype=dtype, fill=fill, decode_steps=decode_steps, device=device, decode=decode,
+                     out=out, seed=seed,
                      threads=threads, bundle=bundle, text=text, ref=ref, ref_text=ref_text, max_tokens=max_tokens,
                      force=force)
     print(json.dumps(result) if json_out else format_table(result))

@@ -10,7 +10,10 @@ file beside the target and renamed at the end, so no partial wav is ever left be
 
 Reports on stderr: RTF (wall time of prompt + synthesis ÷ audio duration; model loading excluded), seconds per
 stage, speech tokens, peak memory (CUDA max allocated on GPU, process max RSS on CPU), threads; --json prints one
-object on stdout. `--out -` writes the wav to stdout instead (nothing else goes there; the report stays on
+object on stdout (with the LM's decode path, `decode`: --decode auto is a CUDA graph on a GPU, the dynamic cache
+on a CPU). Words the model was not trained to say (the mini voice knows only the words of its training
+grammar) are named in one warning line on stderr and listed in --json as `unknown_words`; they are still spoken.
+`--out -` writes the wav to stdout instead (nothing else goes there; the report stays on
 stderr, and --json is refused with it).
 """
 
@@ -23,6 +26,7 @@ import typer
 
 from mamtra_cli.cli import THREADS_HELP
 from mamtra_cli.errors import UserError
+from mamtra_cli.models.decode_mode import DECODE_HELP
 
 
 def _stderr_report(console, r: dict, peak: tuple[float, str], load_s: float | None = None,
@@ -62,6 +66,7 @@ def synth(
                                "which runs only there; else cuda when a GPU is usable)."),
     lm_dtype: str = typer.Option("auto", "--lm-dtype", help="auto (stored dtype on GPU, fp32 on CPU) | bf16 | fp16 | fp32."),
     threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
+    decode: str = typer.Option("auto", "--decode", help=DECODE_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output wavs."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout (not with --out -, "
                                   "where stdout carries the wav)."),
@@ -121,7 +126,13 @@ def synth(
         items = [ListItem(None, ref_text, ref, text)]
 
     with console.status("loading models"):
-        tts = load(model, assets, device=device, lm_dtype=lm_dtype, max_tokens=max_tokens, threads=threads)
+        tts = load(model, assets, device=device, lm_dtype=lm_dtype, max_tokens=max_tokens, threads=threads,
+                   decode=decode)
+
+    # One warning for all the texts: the words the model was not trained to say (spoken anyway, often garbled).
+    unknown = list(dict.fromkeys(w for it in items for w in tts.unknown_words(it.text)))
+    if unknown:
+        console.print(tts.backend.unknown_words_warning(unknown), style="yellow", markup=False, highlight=False)
 
     reports = []
     if list_file is not None:
@@ -138,7 +149,7 @@ def synth(
 
     peak = tts.peak_memory()
     summary = {"load_seconds": round(tts.load_seconds, 4), "threads": tts.threads, "peak_memory_mib": round(peak[0], 1),
-               "memory_source": peak[1], "backend": tts.describe()}
+               "memory_source": peak[1], "decode": tts.backend.decode, "backend": tts.describe()}
     if list_file is None:
         result = {**reports[0], **summary}
     else:
@@ -148,7 +159,7 @@ def synth(
                   for k in ("frontend_s", "lm_s", "flow_s", "hift_s", "tokens", "sentences")}
         result = {"items": reports, "utterances": len(reports), "audio_seconds": round(audio, 4),
                   "wall_seconds": round(wall, 4), "rtf": round(wall / audio, 4) if audio else None,
-                  "stages": stages, "out_dir": str(out_dir), **summary}
+                  "stages": stages, "unknown_words": unknown, "out_dir": str(out_dir), **summary}
         console.print(f"{len(reports)} utterances → {out_dir}: {audio:.2f} s audio, RTF "
                       f"{result['rtf'] if result['rtf'] is not None else 'n/a'}", highlight=False)
     if json_out:

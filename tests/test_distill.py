@@ -256,5 +256,9 @@ def test_trainer_state_loads_with_weights_only(dirs, tmp_path, capsys):
     state = torch.load(out / "checkpoints/step-000001" / kd.TRAINER_STATE_FILE, weights_only=True)
     assert state["step"] == 1 and state["position"] == {"epoch": 0, "step_in_epoch": 1}
     assert {"optimizer", "rng", "schedule"} <= set(state)
+    # the recipe's state (stage, its start, the stage log with its None end, the best so far) is plain data too
+    assert state["stage"] == 0 and state["stage_start"] == 0 and state["best"] is None and state["bad_evals"] == 0
+    assert state["stage_log"] == [{"stage": 0, "train": "mamba", "start": 0, "end": None, "stopped_early": False}]
+    assert summary["selected"] == {"rule": "last", "step": 2, "val_ce": None} and summary["utterances"] == 8
     assert (out / "checkpoints/step-000001" / kd.COMPLETE_MARKER).is_file()
     assert not kd.partial_dir(out).exists()

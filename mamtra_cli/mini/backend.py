@@ -25,7 +25,7 @@ import torch
 from mamtra_cli.errors import UserError
 from mamtra_cli.mini import BUILTIN_DIR
 from mamtra_cli.mini.codec import MiniCodec, SpeakerStats
-from mamtra_cli.mini.text import VOCAB_FILE, CharTokenizer
+from mamtra_cli.mini.text import VOCAB_FILE, CharTokenizer, unknown_words, unknown_words_warning
 from mamtra_cli.models.sampling import SamplingConfig
 from mamtra_cli.synthesis.backend import SynthesisBackend
 
@@ -133,6 +133,14 @@ class MiniBackend(SynthesisBackend):
     def count_text_tokens(self, normalized: str) -> int:
         return self.tokenizer.count_tokens(normalized)
 
+    def unknown_words(self, text: str) -> list[str]:
+        """Words of `text` (numbers spelled out) that the training grammar never produces: the voice only
+        knows that grammar's words (`mamtra_cli.mini.text.vocabulary`) and usually garbles others."""
+        return unknown_words(text, self.tokenizer)
+
+    def unknown_words_warning(self, unknown: list[str]) -> str:
+        return unknown_words_warning(unknown)
+
     def synthesize(self, text: str, prompt: MiniPrompt, seed: int = 0, stream: bool = False
                    ) -> Iterator[np.ndarray]:
         t0 = time.perf_counter()
@@ -145,7 +153,8 @@ class MiniBackend(SynthesisBackend):
     def _utterance(self, text_tokens: list[int], prompt: MiniPrompt, seed: int) -> np.ndarray:
         t0 = time.perf_counter()
         tokens = self.lm.generate(text_tokens, prompt.prompt_text_tokens, prompt.prompt_speech_tokens,
-                                  sampling=self.sampling, seed=seed, max_new_tokens=self.max_new_tokens)
+                                  sampling=self.sampling, seed=seed, max_new_tokens=self.max_new_tokens,
+                                  decode=self.decode)
         t1 = time.perf_counter()
         self.stats.lm_s += t1 - t0
         self.stats.tokens += len(tokens)
@@ -174,7 +183,9 @@ class MiniBackend(SynthesisBackend):
                    "parameters": sum(p.numel() for p in self.lm.parameters())},
             "codec": {"codebook_size": self.codec.cfg.codebook_size, "token_rate_hz": self.codec.cfg.token_rate,
                       "griffin_lim_iters": self.codec.cfg.griffin_lim_iters,
-                      "decoder_parameters": sum(p.numel() for p in self.codec.decoder.parameters())},
+                      "quantizer": self.codec.cfg.quantizer,
+                      "decoder_parameters": sum(p.numel() for p in (self.codec.tokenizer or self.codec.decoder)
+                                                .parameters())},
             "sampling": asdict(self.sampling),
             "max_new_tokens": self.max_new_tokens,
         }

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ DEFAULT_CYCLES = "26.5m:2.5e-3:150,90m:1.5e-3:50"
 # --toy: two cycles of 15 steps, so that the warm restart is exercised by the smoke test.
 TOY_CYCLES = "15:2e-3:5,15:1e-3:5"
 TEACHER_WEIGHT_DECAY = 0.05
+DEMO_DISTILL = 400  # utterances of `mamtra demo`'s distillation data
 KMEANS_ITERS, KMEANS_FRAMES = 25, 150_000
 
 
@@ -175,7 +177,7 @@ def manifests_phase(codec, corpus_dir: Path, work: Path, known_mels: dict, corpu
     from mamtra_cli.mini.corpus import read_corpus_split
     from mamtra_cli.mini.text import CharTokenizer
 
-    params = {"codebook_sha256": _tensor_sha(codec.centroids), "corpus_sha256": corpus_sha}
+    params = {"codebook_sha256": codec.fingerprint(), "corpus_sha256": corpus_sha}
     (work / "data").mkdir(exist_ok=True)
     marker = work / "data" / "data.json"
     if _marker_ok(marker, params):
@@ -184,7 +186,7 @@ def manifests_phase(codec, corpus_dir: Path, work: Path, known_mels: dict, corpu
         return
     tok = CharTokenizer()
     header = ManifestHeader(text_tokenizer=tok.describe(),
-                            speech_tokenizer={"name": f"mini-codec-kmeans{codec.cfg.codebook_size}",
+                            speech_tokenizer={"name": codec.tokenizer_name(),
                                               "sha256": params["codebook_sha256"], "rate_hz": codec.cfg.token_rate})
 
     def rows(items):
@@ -219,6 +221,27 @@ def decoder_phase(codec, feats_of_subset, work: Path, params: dict, decoder_step
     codec.decoder = train_decoder(codec, [m for m, _ in feats], [lin for _, lin in feats], decoder_steps,
                                   seed=seed, log=_log)
     _save_weights(codec.decoder, weights)
+    _write_marker(marker, params)
+
+
+def tokenizer_phase(codec, feats_of_subset, work: Path, params: dict, steps: int, seed: int,
+                    reused: list) -> None:
+    """Phases 2+4 of an FSQ codec: its encoder/decoder, trained on the codec subset's normalised mel."""
+    from mamtra_cli.mini.fsq import train_fsq
+
+    marker, weights = work / "codec" / "fsq.json", work / "codec" / "fsq.safetensors"
+    codec.tokenizer = codec.new_tokenizer(codec.cfg)
+    if _marker_ok(marker, params):
+        _load_weights(codec.tokenizer, weights)
+        codec.tokenizer.eval()
+        _log("FSQ tokenizer: reusing")
+        reused.append("tokenizer")
+        return
+    feats = feats_of_subset()
+    _log(f"FSQ tokenizer: {codec.cfg.codebook_size} codes ({codec.cfg.fsq_levels} levels × {codec.cfg.fsq_dims} "
+         f"dims), {sum(p.numel() for p in codec.tokenizer.parameters()) / 1e6:.2f} M parameters, {steps} steps")
+    train_fsq(codec.tokenizer, [m for m, _ in feats], steps, seed=seed, log=_log)
+    _save_weights(codec.tokenizer, weights)
     _write_marker(marker, params)
 
 
@@ -271,7 +294,8 @@ def teacher_phase(model, train_utts, val_utts, cycles: list[Cycle], base, ckpt_d
 
 
 def build_mini(out: Path, work: Path = Path("/tmp/mini_build/work"), sentences: int = 20000, test_sentences: int = 120,
-               voices: int = 8, codebook: int = 512, codec_sentences: int = 3000, decoder_steps: int = 1000,
+               voices: int = 12, codebook: int = 0, codec_sentences: int = 3000, decoder_steps: int = 1000,
+               quantizer: str = "fsq", tokenizer_steps: int = 7000,
                cycles: str = DEFAULT_CYCLES, batch_size: int = 32, hidden: int = 128, speech_input_noise: float = 0.15,
                render_jobs: int = 2, threads: int = 0, seed: int = 0, phase: str = "all", toy: bool = False,
                force: bool = False) -> Path | None:
@@ -286,7 +310,7 @@ def build_mini(out: Path, work: Path = Path("/tmp/mini_build/work"), sentences: 
     import torch
 
     from mamtra_cli import checkpoints
-    from mamtra_cli.data_manifest import read_manifest
+    from mamtra_cli.data_manifest import read_manifest, write_manifest
     from mamtra_cli.errors import UserError
     from mamtra_cli.mini import corpus as corpus_mod
     from mamtra_cli.mini.codec import CodecConfig, MiniCodec
@@ -306,9 +330,24 @@ def build_mini(out: Path, work: Path = Path("/tmp/mini_build/work"), sentences: 
     if corpus_mod.espeak_path() is None:
         raise UserError("espeak-ng is not on PATH; install it (Debian/Ubuntu: `apt-get install espeak-ng`) "
                         "to build the mini voice.")
+    if quantizer not in ("fsq", "kmeans"):
+        raise UserError(f"--quantizer must be fsq or kmeans, not {quantizer!r}.")
     if toy:
-        sentences, test_sentences, voices, codebook = min(sentences, 80), min(test_sentences, 6), min(voices, 4), 64
-        decoder_steps, batch_size, hidden = min(decoder_steps, 20), 8, 64
+        sentences, test_sentences, voices = min(sentences, 80), min(test_sentences, 6), min(voices, 4)
+        codebook = 64 if quantizer == "kmeans" else 0
+        decoder_steps, tokenizer_steps, batch_size, hidden = min(decoder_steps, 20), min(tokenizer_steps, 20), 8, 64
+    # FSQ: 3 levels in 8 dims = 6561 codes (CosyVoice 2's vocabulary); toy: 3 levels in 4 dims = 81 codes.
+    codec_cfg = (CodecConfig(quantizer="fsq", fsq_dims=4 if toy else 8, fsq_channels=32 if toy else 192)
+                 if quantizer == "fsq" else CodecConfig(codebook_size=codebook or 512))
+    if quantizer == "fsq":
+        codec_cfg.codebook_size = codec_cfg.fsq_levels ** codec_cfg.fsq_dims
+        if codebook and codebook != codec_cfg.codebook_size:
+            raise UserError(f"--codebook {codebook}: the FSQ tokenizer has {codec_cfg.codebook_size} codes "
+                            f"({codec_cfg.fsq_levels} levels × {codec_cfg.fsq_dims} dims); leave --codebook out, "
+                            "or pass --quantizer kmeans to choose a k-means codebook size.")
+    elif codebook < 0 or codebook == 1:
+        raise UserError(f"--codebook must be 2 or more (or 0 for the default 512), not {codebook}.")
+    codebook = codec_cfg.codebook_size
     if phase == "all":
         checkpoints.check_output_dir(out, force)
     from mamtra_cli.cli import apply_threads
@@ -347,17 +386,25 @@ def build_mini(out: Path, work: Path = Path("/tmp/mini_build/work"), sentences: 
             subset_feats.extend(codec_features(codec, corpus_dir, subset))
         return subset_feats
 
-    codec = MiniCodec(CodecConfig(codebook_size=codebook))
+    codec = MiniCodec(codec_cfg)
     (work / "codec").mkdir(exist_ok=True)
-    codebook_params = {"codebook": codebook, "kmeans_iters": KMEANS_ITERS, "kmeans_frames": KMEANS_FRAMES,
-                       "codec_sentences": n_codec, "seed": seed, "corpus_sha256": corpus_sha}
-    codebook_phase(codec, feats_of_subset, work, codebook_params, KMEANS_ITERS, KMEANS_FRAMES, seed, reused)
+    if codec.is_fsq:  # one network makes and reads the tokens: trained first, whatever the phase
+        fsq_params = {"quantizer": "fsq", "levels": codec_cfg.fsq_levels, "dims": codec_cfg.fsq_dims,
+                      "channels": codec_cfg.fsq_channels, "steps": tokenizer_steps, "codec_sentences": n_codec,
+                      "seed": seed, "corpus_sha256": corpus_sha}
+        tokenizer_phase(codec, feats_of_subset, work, fsq_params, tokenizer_steps, seed, reused)
+    else:
+        codebook_params = {"codebook": codebook, "kmeans_iters": KMEANS_ITERS, "kmeans_frames": KMEANS_FRAMES,
+                           "codec_sentences": n_codec, "seed": seed, "corpus_sha256": corpus_sha}
+        codebook_phase(codec, feats_of_subset, work, codebook_params, KMEANS_ITERS, KMEANS_FRAMES, seed, reused)
     manifests_phase(codec, corpus_dir, work,
                     {it.utt: mel for it, (mel, _) in zip(subset, subset_feats)}, corpus_sha, reused)
     timings["codebook_s"] = round(time.time() - t, 1)
 
     t = time.time()
-    if phase == "teacher":
+    if codec.is_fsq:
+        pass  # the FSQ tokenizer decodes its own tokens: no separate decoder
+    elif phase == "teacher":
         _log("decoder: skipped (--phase teacher)")
     else:
         decoder_params = {"decoder_steps": decoder_steps, "seed": seed, "codec_sentences": n_codec,
@@ -372,7 +419,7 @@ def build_mini(out: Path, work: Path = Path("/tmp/mini_build/work"), sentences: 
     # 5. teacher
     t = time.time()
     tok = CharTokenizer()
-    _, train_utts = read_manifest(work / "data" / "train.jsonl", tok.vocab_size, codebook)
+    data_header, train_utts = read_manifest(work / "data" / "train.jsonl", tok.vocab_size, codebook)
     # The first 100 utterances (fewer for a small corpus) are the validation set, as for the shipped voice.
     n_val = max(8, min(100, len(train_utts) // 30))
     val_utts, train_utts = train_utts[:n_val], train_utts[n_val:]
@@ -404,16 +451,31 @@ def build_mini(out: Path, work: Path = Path("/tmp/mini_build/work"), sentences: 
         codec.save(tmp)
         shutil.copyfile(corpus_dir / sample.wav, tmp / "sample_voice.wav")
         (tmp / "sample_voice.txt").write_text(sample.text + "\n")
+        # `mamtra demo`'s data: DEMO_DISTILL training utterances drawn with `seed` from the codec subset minus
+        # the validation rows (data the teacher saw, as a user's "little data"), and the whole held-out test set.
+        pool = train_utts[:max(0, n_codec - n_val)]
+        demo = random.Random(seed).sample(pool, min(DEMO_DISTILL, len(pool)))
+        write_manifest(tmp / "demo_distill.jsonl", data_header, demo)
+        test_header, test_utts = read_manifest(work / "data" / "test.jsonl", tok.vocab_size, codebook)
+        write_manifest(tmp / "demo_test.jsonl", test_header, test_utts)
         manifest = checkpoints.run_manifest(
             "build-mini", inputs={"corpus": {"path": str(corpus_dir), "sha256": corpus_sha}},
             parameters={"sentences": sentences, "test_sentences": test_sentences, "voices": voices,
-                        "codebook": codebook, "codec_sentences": n_codec, "kmeans_iters": KMEANS_ITERS,
-                        "kmeans_frames": KMEANS_FRAMES, "decoder_steps": decoder_steps, "cycles": cycles,
+                        "quantizer": quantizer, "codebook": codebook, "codec_sentences": n_codec,
+                        **({"tokenizer_steps": tokenizer_steps, "fsq_levels": codec_cfg.fsq_levels,
+                            "fsq_dims": codec_cfg.fsq_dims, "fsq_channels": codec_cfg.fsq_channels}
+                           if codec.is_fsq else {"kmeans_iters": KMEANS_ITERS, "kmeans_frames": KMEANS_FRAMES,
+                                                 "decoder_steps": decoder_steps}),
+                        "cycles": cycles,
                         "batch_size": batch_size, "hidden": hidden, "layers": config.num_layers,
                         "weight_decay": base.weight_decay, "adam_betas": [0.9, 0.98], "grad_clip": 1.0,
                         "concat_prob": base.concat_prob, "speech_input_noise": speech_input_noise,
                         "eval_every": base.eval_every, "val_utterances": n_val, "threads": threads, "toy": toy},
             outputs={"text_vocab": "text_vocab.json", "codec": ["codec.yaml", "codec.safetensors"],
+                     "demo_data": {"demo_distill.jsonl": f"{len(demo)} training utterances (random, seed {seed}, "
+                                   f"from the first {n_codec} minus the {n_val} validation rows)",
+                                   "demo_test.jsonl": f"the {len(test_utts)} held-out test utterances "
+                                   "(held-out voices)"},
                      "sample_voice": {"wav": "sample_voice.wav", "text": sample.text, "spk": sample.spk}},
             metrics={"teacher": cycle_records[-1]["best"], "teacher_cycles": cycle_records,
                      "teacher_steps_run": sum(r["steps_run"] for r in cycle_records), "timings": timings,

@@ -1,6 +1,13 @@
 """The mini speech codec: 25 Hz discrete tokens from speaker-normalised log-mel, and back to audio.
 
-Encoding (16 kHz audio):
+Two tokenizers share the features and the vocoder (`quantizer` in codec.yaml):
+  fsq     a learned conv encoder/decoder with finite scalar quantisation, 3 levels × 8 dims = 6561 codes
+          (CosyVoice 2's vocabulary shape; `mamtra_cli.mini.fsq`). Decoding: tokens → normalised mel →
+          de-normalised with the reference speaker's mel statistics → pseudo-inverse of the mel filterbank →
+          Griffin-Lim. The default of `mamtra build-mini`: it keeps far more of the words.
+  kmeans  the first mini codec, described below (codec.yaml files without `quantizer` are k-means).
+
+k-means encoding (16 kHz audio):
     STFT (n_fft 1024, hop 320 → 50 frames/s) → log-mel (80 bins) → per-utterance normalisation
     (mean/std per bin, measured on the active frames) → pairs of frames (160-d) → nearest of K k-means
     centroids = one token per 40 ms (25 Hz), as CosyVoice 2's speech tokens.
@@ -50,6 +57,10 @@ class CodecConfig:
     griffin_lim_iters: int = 48
     griffin_lim_momentum: float = 0.99
     magnitude_power: float = 1.3  # sharpen the predicted magnitudes before Griffin-Lim (less buzz)
+    quantizer: str = "kmeans"  # or "fsq" (codebook_size is then fsq_levels ** fsq_dims)
+    fsq_levels: int = 3
+    fsq_dims: int = 8
+    fsq_channels: int = 192
 
     @property
     def token_rate(self) -> float:
@@ -74,7 +85,13 @@ class CodecConfig:
         d = yaml.safe_load(Path(path).read_text())
         d.pop("token_rate_hz", None)
         d["decoder_dilations"] = tuple(d["decoder_dilations"])
-        return cls(**d)
+        cfg = cls(**d)
+        if cfg.quantizer not in ("kmeans", "fsq"):
+            raise UserError(f"{path}: quantizer must be kmeans or fsq, not {cfg.quantizer!r}.")
+        if cfg.quantizer == "fsq" and cfg.codebook_size != cfg.fsq_levels ** cfg.fsq_dims:
+            raise UserError(f"{path}: codebook_size {cfg.codebook_size} is not fsq_levels ** fsq_dims = "
+                            f"{cfg.fsq_levels ** cfg.fsq_dims}; the file was edited or is damaged.")
+        return cfg
 
 
 @dataclass
@@ -171,12 +188,48 @@ class MiniCodec:
     (a trained codec) or `MiniCodec(cfg)` (untrained, for fitting)."""
 
     def __init__(self, cfg: CodecConfig, centroids: torch.Tensor | None = None,
-                 decoder: CodecDecoder | None = None):
+                 decoder: CodecDecoder | None = None, tokenizer=None):
         self.cfg = cfg
         self.mel_fb = mel_filterbank(cfg)
         self.window = torch.hann_window(cfg.n_fft)
-        self.centroids = centroids  # (K, frames_per_token · n_mels)
-        self.decoder = decoder
+        self.centroids = centroids  # k-means: (K, frames_per_token · n_mels)
+        self.decoder = decoder  # k-means: centroid mel → normalised log-magnitude
+        self.tokenizer = tokenizer  # fsq: an `FSQTokenizer`
+        self._mel_pinv = None  # (n_lin, n_mels), built on first use
+
+    @staticmethod
+    def new_tokenizer(cfg: CodecConfig):
+        from mamtra_cli.mini.fsq import FSQTokenizer
+
+        return FSQTokenizer(cfg.n_mels, cfg.fsq_channels, cfg.fsq_dims, cfg.fsq_levels)
+
+    @property
+    def is_fsq(self) -> bool:
+        return self.cfg.quantizer == "fsq"
+
+    def fingerprint(self) -> str:
+        """sha256 of what maps audio to tokens (centroids or the FSQ weights): manifests record it so that
+        tokens of different tokenizers are never mixed."""
+        import hashlib
+
+        h = hashlib.sha256()
+        if self.is_fsq:
+            for name, t in sorted(self.tokenizer.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.contiguous().numpy().tobytes())
+        else:
+            h.update(self.centroids.contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def tokenizer_name(self) -> str:
+        return f"mini-codec-{self.cfg.quantizer}{self.cfg.codebook_size}"
+
+    def _check_tokens(self, tokens) -> torch.Tensor:
+        t = torch.as_tensor(list(tokens) if not torch.is_tensor(tokens) else tokens, dtype=torch.long)
+        if t.numel() and (t.min() < 0 or t.max() >= self.cfg.codebook_size):
+            raise UserError(f"Speech token out of the codec's range [0, {self.cfg.codebook_size}); "
+                            "the tokens come from another speech tokenizer.")
+        return t
 
     # ------------------------------------------------------------------ features
     def _as_tensor(self, wav, sr: int) -> torch.Tensor:
@@ -220,7 +273,15 @@ class MiniCodec:
         return mel_norm.reshape(-1, f * mel_norm.shape[1])
 
     # ------------------------------------------------------------------ tokens
+    @torch.inference_mode()
     def tokens_from_features(self, mel_norm: torch.Tensor) -> list[int]:
+        """(T, n_mels) normalised mel → ceil(T / 2) tokens."""
+        if self.is_fsq:
+            from mamtra_cli.mini.fsq import pad_even
+
+            if self.tokenizer is None:
+                raise RuntimeError("This codec has no FSQ tokenizer yet (train it or load a trained one).")
+            return self.tokenizer.encode(pad_even(mel_norm)[None])[0].tolist()
         if self.centroids is None:
             raise RuntimeError("This codec has no codebook yet (fit it or load a trained one).")
         return nearest(self.frame_pairs(mel_norm), self.centroids)[0].tolist()
@@ -230,16 +291,18 @@ class MiniCodec:
         return self.tokens_from_features(self.features(wav, sr)[0])
 
     def centroid_frames(self, tokens) -> torch.Tensor:
-        """(N,) tokens → (N · f, n_mels) normalised mel frames of their centroids."""
-        t = torch.as_tensor(list(tokens) if not torch.is_tensor(tokens) else tokens, dtype=torch.long)
-        if t.numel() and (t.min() < 0 or t.max() >= self.cfg.codebook_size):
-            raise UserError(f"Speech token out of the codec's range [0, {self.cfg.codebook_size}); "
-                            "the tokens come from another speech tokenizer.")
-        return self.centroids[t].reshape(-1, self.cfg.n_mels)
+        """(N,) tokens → (N · f, n_mels) normalised mel frames of their centroids (k-means codecs)."""
+        return self.centroids[self._check_tokens(tokens)].reshape(-1, self.cfg.n_mels)
 
     @torch.inference_mode()
     def decode_spectrogram(self, tokens, ref: SpeakerStats) -> torch.Tensor:
         """Tokens → (N · f, n_lin) magnitude spectrogram in the reference speaker's statistics."""
+        if self.is_fsq:
+            mel_norm = self.tokenizer.decode(self._check_tokens(tokens)[None])[0]  # (2N, n_mels)
+            if self._mel_pinv is None:
+                self._mel_pinv = torch.linalg.pinv(self.mel_fb)
+            mel = (mel_norm * ref.mel_std + ref.mel_mean).exp()
+            return (mel @ self._mel_pinv.T).clamp(min=1e-5)
         norm = self.decoder(self.centroid_frames(tokens)[None])[0]
         return (norm * ref.lin_std + ref.lin_mean).exp()
 
@@ -279,8 +342,11 @@ class MiniCodec:
 
         directory = Path(directory)
         self.cfg.save(directory / CODEC_CONFIG)
-        tensors = {"centroids": self.centroids.contiguous()}
-        tensors.update({f"decoder.{k}": v.contiguous() for k, v in self.decoder.state_dict().items()})
+        if self.is_fsq:
+            tensors = {f"tokenizer.{k}": v.contiguous() for k, v in self.tokenizer.state_dict().items()}
+        else:
+            tensors = {"centroids": self.centroids.contiguous()}
+            tensors.update({f"decoder.{k}": v.contiguous() for k, v in self.decoder.state_dict().items()})
         save_file(tensors, str(directory / CODEC_WEIGHTS))
 
     @classmethod
@@ -293,6 +359,11 @@ class MiniCodec:
                 raise UserError(f"{directory} has no {name}; rebuild the mini voice with `mamtra build-mini`.")
         cfg = CodecConfig.load(directory / CODEC_CONFIG)
         state = load_file(str(directory / CODEC_WEIGHTS))
+        if cfg.quantizer == "fsq":
+            tokenizer = cls.new_tokenizer(cfg)
+            tokenizer.load_state_dict({k[len("tokenizer."):]: v for k, v in state.items()
+                                       if k.startswith("tokenizer.")})
+            return cls(cfg, tokenizer=tokenizer.eval())
         decoder = CodecDecoder(cfg)
         decoder.load_state_dict({k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")})
         return cls(cfg, state["centroids"], decoder.eval())

@@ -3,8 +3,9 @@
 The kernels come from two optional packages (the `mamtra[cuda]` extra):
 
 - `mamba_ssm`: `mamba_chunk_scan_combined` (chunked SSD prefill) and `selective_state_update` (one
-  decoding step);
-- `causal_conv1d`: `causal_conv1d_fn` (prefill) and `causal_conv1d_update` (one decoding step).
+  decoding step; `fused_state_step` also folds dt_bias + softplus, D·x and the silu(z) gate into it);
+- `causal_conv1d`: `causal_conv1d_fn` (prefill) and `causal_conv1d_update` (one decoding step, with the
+  SiLU that follows the conv fused in).
 
 Neither is ever required. They are imported lazily, on first use, and any import failure is recorded
 rather than raised: mamba-ssm 2.3 raises ModuleNotFoundError from its own `__init__` on machines without
@@ -36,6 +37,8 @@ __all__ = [
     "HAVE_CONV_KERNELS",
     "chunk_scan",
     "state_step",
+    "fused_step_available",
+    "fused_state_step",
     "causal_conv",
     "causal_conv_step",
     "kernel_report",
@@ -200,6 +203,63 @@ def state_step(
     return ssd_step(state, x, dt, A, B, C, inplace=inplace)
 
 
+def fused_step_available(state: Tensor, x: Tensor, use_kernels: bool = True) -> bool:
+    """Whether `fused_state_step` would run mamba-ssm's kernel for this state and input (CUDA tensors of a
+    kernel dtype, mamba-ssm imported, kernels not turned off). The mixer takes its fused decode tail only
+    then; elsewhere (CPU, MAMTRA_KERNELS=0) it keeps its unfused pure-PyTorch step, numerics unchanged."""
+    return (
+        use_kernels
+        and _on_cuda(state, x)  # first: on a CPU nothing else is evaluated (no import, traceable)
+        and state.dtype in _KERNEL_DTYPES
+        and x.dtype in _KERNEL_DTYPES
+        and _have_mamba()
+    )
+
+
+def fused_state_step(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    dt_bias: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor,
+    z: Tensor,
+    use_kernels: bool = True,
+    inplace: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """One decoding step of the Mamba-2 mixer from its raw projections to the gated output, in one kernel on
+    CUDA (mamba-ssm's `selective_state_update` with dt_bias, dt_softplus=True, D and z), else in PyTorch:
+
+        dt' = softplus(dt + dt_bias);  state ← exp(dt'·A)·state + dt'·x ⊗ B;  y = (state·C + D·x) · silu(z)
+
+    state: (batch, nheads, headdim, dstate), modified only when inplace; x, z: (batch, nheads, headdim);
+    dt: (batch, nheads), before bias and softplus; dt_bias, A, D: (nheads,) (A negative: −exp(A_log));
+    B, C: (batch, nheads, dstate) (mamba-ssm wants B and C of one shape, and our C has a row per head).
+    Returns y (batch, nheads, headdim) in x.dtype, computed in float32 (as the kernel does), and the new
+    state in state.dtype (`state` itself when inplace).
+    """
+    b, h, p, n = state.shape
+    if use_kernels and fused_step_available(state, x) and _on_cuda(dt, dt_bias, A, B, C, D, z):
+        kernel = _get("selective_state_update")
+        # One value per head for dt, dt_bias and A, expanded with zero strides over headdim (and dstate):
+        # mamba-ssm's wrapper then takes its one-decay-per-head path (tie_hdim), the layout it expects for a
+        # scalar-per-head A. D is read per (head, headdim) and expanded the same way.
+        dt_e = dt[:, :, None].expand(b, h, p)
+        bias_e = dt_bias[:, None].expand(h, p)
+        A_e = A.float()[:, None, None].expand(h, p, n)
+        D_e = D[:, None].expand(h, p)
+        new_state = state if inplace else state.clone()  # the kernel updates its state argument in place
+        y = kernel(new_state, x, dt_e, A_e, B, C, D=D_e, z=z, dt_bias=bias_e, dt_softplus=True)
+        return y, new_state
+    # Pure reference (the kernel's float32 math, step by step).
+    dtf = F.softplus(dt.float() + dt_bias.float())  # (b, h)
+    y, new_state = ssd_step(state, x, dtf, A, B, C, inplace=inplace)
+    y = (y.float() + x.float() * D.float()[:, None]) * F.silu(z.float())
+    return y.to(x.dtype), new_state
+
+
 def _conv_kernel_ok(x: Tensor, weight: Tensor, bias: Optional[Tensor], conv_state: Optional[Tensor]) -> bool:
     return (
         _on_cuda(x, weight, bias, conv_state)
@@ -275,19 +335,31 @@ def causal_conv_step(
     bias: Optional[Tensor],
     use_kernels: bool = True,
     inplace: bool = False,
+    activation: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor]:
     """One token of `causal_conv` (the input state is modified only when inplace).
 
     x_t: (batch, channels); conv_state: (batch, channels, width), most recent input at index -1;
-    weight: (channels, 1, width); bias: (channels,) or None. Returns out_t (batch, channels) in
-    x_t.dtype, before activation, and the rolled state (same shape and dtype as conv_state).
+    weight: (channels, 1, width); bias: (channels,) or None; activation: None or "silu" (applied to the
+    output, fused into causal_conv1d's kernel on CUDA). Returns out_t (batch, channels) in x_t.dtype and the
+    rolled state (same shape and dtype as conv_state).
     """
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     _check_conv(x_t[:, None, :], weight, conv_state)
     if use_kernels and _conv_kernel_ok(x_t, weight, bias, conv_state) and conv_state.dtype == x_t.dtype:
         kernel = _get("causal_conv1d_update")
         new_state = conv_state if inplace else conv_state.clone()  # the kernel updates it in place
-        out = kernel(x_t, new_state, weight[:, 0, :], bias)
+        # Our state keeps the last `width` inputs (newest last); causal_conv1d takes any state_len ≥ width − 1,
+        # shifts it by one, appends x and convolves the last `width` inputs: the same update.
+        out = kernel(x_t, new_state, weight[:, 0, :], bias, activation=activation)
         return out, new_state
+    out, new_state = _conv_step_pure(x_t, conv_state, weight, bias, inplace)
+    return (out if activation is None else F.silu(out)), new_state
+
+
+def _conv_step_pure(x_t: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor],
+                    inplace: bool) -> Tuple[Tensor, Tensor]:
     cdt = torch.promote_types(torch.promote_types(x_t.dtype, weight.dtype), conv_state.dtype)
     if inplace and conv_state.dtype == x_t.dtype:
         # Shift the window left by one and put the newest input last, without allocating a new state.

@@ -39,9 +39,10 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.group_size, self.eps = group_size, eps
 
-    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        """z None: `y` is already gated (the fused decode step applies silu(z) itself): only the norm."""
         dtype = y.dtype
-        g = y.float() * F.silu(z.float())
+        g = y.float() if z is None else y.float() * F.silu(z.float())
         shape = g.shape
         g = g.view(*shape[:-1], shape[-1] // self.group_size, self.group_size)
         g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -120,16 +121,22 @@ class Mamba2Mixer(nn.Module):
         if mask is not None:
             xBC = xBC * mask[..., None].to(xBC.dtype)
         w, wb = self.conv1d.weight, self.conv1d.bias  # (conv_dim, 1, d_conv), (conv_dim,)
-        if cache is not None and l == 1:
-            # Decode: the cache's states are updated in place (no per-token copies of the state).
-            xc, _ = kernels.causal_conv_step(xBC[:, 0], cache.conv_state, w, wb, inplace=True)
+        step = cache is not None and l == 1
+        if step:
+            # Decode: the cache's states are updated in place (no per-token copies of the state); the SiLU
+            # is fused into causal_conv1d's step kernel where it runs.
+            xc, _ = kernels.causal_conv_step(xBC[:, 0], cache.conv_state, w, wb, use_kernels=self.use_kernels,
+                                             inplace=True, activation="silu")
             xBC = xc[:, None]
         else:
-            xBC, new_conv = kernels.causal_conv(xBC, w, wb, cache.conv_state if cache is not None else None)
+            xBC, new_conv = kernels.causal_conv(xBC, w, wb, cache.conv_state if cache is not None else None,
+                                                use_kernels=self.use_kernels)
             if cache is not None:
                 cache.conv_state.copy_(new_conv)
-        xBC = F.silu(xBC)
+            xBC = F.silu(xBC)
         x, B, C = torch.split(xBC, [self.d_xb, self.d_xb, self.d_inner], dim=-1)
+        if step and mask is None and kernels.fused_step_available(cache.ssm_state, x, self.use_kernels):
+            return self._fused_step(x, B, C, z, dt, cache)
         x = self._expand_heads(x.reshape(b, l, self.n_kv, self.head_dim))  # (B, L, n_h, d)
         B = self._expand_heads(B.reshape(b, l, self.n_kv, self.d_state))  # (B, L, n_h, N)
         C = C.reshape(b, l, self.n_heads, self.d_state)  # (B, L, n_h, N)
@@ -149,4 +156,20 @@ class Mamba2Mixer(nn.Module):
                 cache.ssm_state.copy_(final_state)
         y = y + x * self.D.to(x.dtype)[:, None]
         y = self.norm(y.reshape(b, l, self.d_inner), z)
+        return self.out_proj(y)
+
+    def _fused_step(self, x, B, C, z, dt, cache) -> torch.Tensor:
+        """The decode tail on CUDA with mamba-ssm: softplus(dt + dt_bias), the SSM step, + D·x and · silu(z) in
+        one `selective_state_update` call (`kernels.fused_state_step`), then the norm without its gate.
+        x, B: (b, 1, d_xb), C, z: (b, 1, d_inner), dt: (b, 1, n_h) raw. Equals the unfused path up to rounding
+        (the kernel keeps y in float32 until the gate; the unfused path rounds y + D·x to the model dtype)."""
+        b = x.shape[0]
+        xh = self._expand_heads(x[:, 0].reshape(b, self.n_kv, self.head_dim))  # (b, n_h, d)
+        Bh = self._expand_heads(B[:, 0].reshape(b, self.n_kv, self.d_state))  # (b, n_h, N), as C
+        Ch = C[:, 0].reshape(b, self.n_heads, self.d_state)
+        zh = z[:, 0].reshape(b, self.n_heads, self.head_dim)
+        A = -torch.exp(self.A_log.float())  # (n_h,)
+        y, _ = kernels.fused_state_step(cache.ssm_state, xh, dt[:, 0], self.dt_bias, A, Bh, Ch, self.D, zh,
+                                        use_kernels=self.use_kernels, inplace=True)
+        y = self.norm(y.reshape(b, 1, self.d_inner), None)
         return self.out_proj(y)

@@ -162,10 +162,16 @@ class SpeechLM(nn.Module):
 
         decode: how each token's logits are computed after the prefill. "dynamic": `forward_embeds` on a
         growing `HybridCache` (the reference); "static": `decode_step` on a `StaticHybridCache` sized to
-        the prompt + the longest allowed output; "graph": that step replayed as a CUDA graph (CUDA only).
+        the prompt + the longest allowed output; "graph": that step replayed as a CUDA graph (CUDA only; the
+        graph and its cache are kept for the next call of the same batch size and a length in the same
+        256-slot bucket, so consecutive sentences capture once); "auto": "graph" on CUDA, else "dynamic".
         All three draw the same tokens up to float rounding of the logits."""
-        if decode not in ("dynamic", "static", "graph"):
-            raise ValueError(f"decode must be 'dynamic', 'static' or 'graph', got {decode!r}")
+        if decode not in ("dynamic", "static", "graph", "auto"):
+            raise ValueError(f"decode must be 'auto', 'dynamic', 'static' or 'graph', got {decode!r}")
+        if decode == "auto":
+            from mamtra_cli.models.decode_mode import resolve_decode
+
+            decode = resolve_decode("auto", self.llm_decoder.weight.device)
         cfg = sampling or SamplingConfig()
         b = len(requests)
         if b == 0:
@@ -187,18 +193,21 @@ class SpeechLM(nn.Module):
             max_len = [min(m, max_new_tokens) for m in max_len]
         gens = [torch.Generator().manual_seed(seed + i) for i in range(b)]
 
+        step = None
         if decode == "dynamic":
             cache = self.new_cache(b, cache_dtype)
-        else:
+        elif decode == "static":
             # Every row stops by max(max_len) tokens: at most that many decode steps follow the prefill.
             cache = self.new_static_cache(b, L + max(max(max_len), 1), cache_dtype)
+        else:
+            cache, step = self._graphed_step(b, L + max(max(max_len), 1), cache_dtype)
         hidden = self.backbone(embeds, mask, cache)[:, -1]  # (B, H)
         logits = self.llm_decoder(hidden)  # (B, C)
-        step = None
-        if decode == "graph":
+        if decode == "graph" and step is None:
             from mamtra_cli.models.cuda_graph import GraphedDecodeStep
 
             step = GraphedDecodeStep(self, cache)
+            self._graph_slot = (self._graph_key(b, cache.max_length, cache.dtype), cache, step)
         elif decode == "static":
             step = lambda ids: self.decode_step(ids, cache)  # noqa: E731
         out: list[list[int]] = [[] for _ in range(b)]
@@ -229,6 +238,31 @@ class SpeechLM(nn.Module):
             else:
                 logits = step(ids)
         return out
+
+    _GRAPH_BUCKET = 256  # static-cache lengths of "graph" decoding are rounded up to this many slots
+
+    def _graphed_step(self, batch: int, length: int, dtype: torch.dtype | None):
+        """(static cache, graphed step or None) for a "graph" decode of `batch` rows and up to `length` tokens.
+
+        The last graph is kept with its cache (`_graph_slot`) and reused, emptied in place, when the batch,
+        dtype and length bucket match: capture (warm-up steps + recording) then happens once per bucket, not
+        once per sentence. Otherwise a new cache is returned and the caller captures after the prefill (the
+        warm-up needs a filled cache); the old graph and cache are dropped first, so that only one is held."""
+        dtype = dtype or self.llm_decoder.weight.dtype
+        max_length = -(-length // self._GRAPH_BUCKET) * self._GRAPH_BUCKET
+        slot = getattr(self, "_graph_slot", None)
+        if slot is not None and slot[0] == self._graph_key(batch, max_length, dtype):
+            _, cache, step = slot
+            cache.reset()  # same addresses: the captured graph stays valid; prefill then loads in place
+            return cache, step
+        self._graph_slot = None
+        return self.new_static_cache(batch, max_length, dtype), None
+
+    def _graph_key(self, batch: int, max_length: int, dtype: torch.dtype) -> tuple:
+        # The weights' address too: a graph replays the tensors it was captured on, so moved or replaced
+        # weights must not reuse it.
+        w = self.llm_decoder.weight
+        return batch, max_length, dtype, w.device, w.data_ptr()
 
 
 def parameter_counts(model: SpeechLM) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from mamtra_cli import profiling as P
@@ -78,6 +79,86 @@ def eval_list_lengths(path: Path) -> list[dict]:
     return out
 
 
+@dataclass
+class StaticLMWorkload(P.LMWorkload):
+    """`LMWorkload` on the static decode path (`--decode static` or `graph`), as `SpeechLM.generate_batch`
+    runs it: a `StaticHybridCache` preallocated to `total_tokens` (all of it counts towards the peak), the
+    prompt prefilled into it (through a dynamic copy, as the static cache's prefill goes), the cache brought
+    to `total_tokens - decode_steps` (`fill`), then `decode_steps` real `decode_step`s, eager ("static") or
+    replayed from a CUDA graph captured on this cache ("graph"; the capture's memory pool counts too)."""
+
+    decode: str = "static"
+
+    name = "lm-static"
+
+    def setup(self, spec, device) -> None:
+        import torch
+
+        super().setup(spec, device)
+        # Warm the static step too (its own code paths and, on CUDA, kernels the dynamic step does not use).
+        g = torch.Generator().manual_seed(self.seed + 1)
+        with torch.inference_mode():
+            warm = self.model.new_static_cache(1, 8)
+            self.model.forward_embeds(P.speech_embeds(self.model, 1, 4, g), None, warm)
+            self.model.decode_step(torch.zeros(1, dtype=torch.long, device=warm.device), warm)
+        del warm
+
+    def run(self) -> dict:
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed)
+        prompt = min(self.prompt_tokens, self.total_tokens)
+        steps = min(self.decode_steps, self.total_tokens - prompt)
+        with torch.inference_mode():
+            cache = self.model.new_static_cache(self.batch, max(self.total_tokens, 1))
+            if prompt:
+                self.model.forward_embeds(P.speech_embeds(self.model, self.batch, prompt, g), None, cache)
+            ahead = self.total_tokens - prompt - steps
+            if self.fill == "prefill":
+                done = 0
+                while done < ahead:
+                    n = min(self.chunk, ahead - done)
+                    self.model.forward_embeds(P.speech_embeds(self.model, self.batch, n, g), None, cache)
+                    done += n
+            else:
+                _synthetic_fill_static(cache, ahead, g)
+            ids = torch.randint(0, self.model.config.speech_token_size, (self.batch,), generator=g).to(cache.device)
+            if steps and self.decode == "graph":
+                from mamtra_cli.models.cuda_graph import GraphedDecodeStep
+
+                step = GraphedDecodeStep(self.model, cache)
+            else:
+                step = lambda t: self.model.decode_step(t, cache)  # noqa: E731
+            for _ in range(steps):
+                ids = step(ids).argmax(-1)
+        rep = cache.report()
+        return {"cache_bytes": rep.total_bytes, "cache_allocated_bytes": cache.allocated_nbytes(),
+                "tokens": rep.tokens}
+
+
+def _synthetic_fill_static(cache, tokens: int, generator) -> None:
+    """`P.synthetic_fill` for a `StaticHybridCache`: random K/V written into the next `tokens` slots in place,
+    random Mamba states, the bookkeeping of `tokens` real positions. No compute, no new memory."""
+    import torch
+
+    from mamtra_cli.models.cache import MambaCache, StaticAttentionCache
+
+    if tokens <= 0:
+        return
+    start = cache.tokens
+    for layer in cache.layers:
+        if isinstance(layer, StaticAttentionCache):
+            for kv in (layer.k, layer.v):
+                b, n_kv, _, d = kv.shape
+                kv[:, :, start:start + tokens] = torch.randn(b, n_kv, tokens, d, generator=generator).to(kv)
+        elif isinstance(layer, MambaCache):
+            layer.ssm_state.copy_(0.1 * torch.randn(layer.ssm_state.shape, generator=generator))
+            layer.conv_state.copy_(torch.randn(layer.conv_state.shape, generator=generator))
+    cache.key_mask[:, start:start + tokens] = True
+    cache.next_position.add_(tokens)
+    cache.length.add_(tokens)
+
+
 def plan_on_gpu(gpu: dict, weight_resident_bytes: int, weight_read_bytes: int, per_stream_bytes: float,
                 cache_bytes_per_stream: float, batch: int) -> dict:
     """Planning numbers for one model on one card.
@@ -96,7 +177,8 @@ def plan_on_gpu(gpu: dict, weight_resident_bytes: int, weight_read_bytes: int, p
 def profile_vram(gpu: str = "a6000", model: list[str] | None = None, arch: str | None = None,
                  ratio: str = "1:1,1:3,1:5,1:11", eval_list: Path | None = None, lengths: str = "256,1024",
                  prompt_tokens: int = 150, batch: str = "1,16", dtype: str = "bf16", fill: str = "synthetic",
-                 decode_steps: int = 2, device: str = "auto", out: Path | None = None, seed: int = 0,
+                 decode_steps: int = 2, device: str = "auto", decode: str = "auto", out: Path | None = None,
+                 seed: int = 0,
                  threads: int | None = None, bundle: list[Path] | None = None,
                  text: str = "Hello, how are you doing today? This is a longer sentence for profiling.",
                  ref: Path | None = None, ref_text: str | None = None, max_tokens: int | None = None,
@@ -104,7 +186,8 @@ def profile_vram(gpu: str = "a6000", model: list[str] | None = None, arch: str |
     """Peak memory of the LM's synthesis work for `model`s (or random-weight models of the arch profile `arch`:
     the teacher and one hybrid per `ratio`), planned on the GPU profile `gpu`; with `bundle` (one or a list of
     `mamtra export` bundles or mini voice dirs) end-to-end synthesis of `text` in the voice of `ref` instead.
-    The keyword arguments are the options of `mamtra profile vram` (its --help explains the method). With
+    The keyword arguments are the options of `mamtra profile vram` (its --help explains the method); `decode`
+    picks the LM's decode path (`mamtra_cli.models.decode_mode`; bundles decode on the dynamic path). With
     `out`, writes vram.csv/.json/.png (vram_synth.* for bundles). Returns the result `--json` prints."""
     import statistics
 
@@ -118,6 +201,9 @@ def profile_vram(gpu: str = "a6000", model: list[str] | None = None, arch: str |
     check_threads(threads)
     # The worker measures on the default CUDA device, hence no cuda:N.
     device = parse_device(device, allow_index=False)
+    from mamtra_cli.models.decode_mode import resolve_decode
+
+    mode = resolve_decode(decode, device)
     P.check_results_out(out, "vram_synth" if bundle else "vram", force)  # before measuring, not after
     if max_tokens is not None and max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1 (got {max_tokens}).")
@@ -130,6 +216,9 @@ def profile_vram(gpu: str = "a6000", model: list[str] | None = None, arch: str |
         raise UserError(f"Unknown --fill {fill!r}; use prefill or synthetic.")
 
     if bundle:
+        if str(decode).strip().lower() not in ("auto", "dynamic"):
+            raise UserError(f"--decode {decode} applies to the LM workload; --bundle profiles synthesis on the "
+                            "dynamic decode path, so drop --decode.")
         return profile_bundles([bundle] if isinstance(bundle, (str, Path)) else bundle, text, ref, ref_text,
                                max_tokens, card, device, seed, threads, out, console, force)
     if eval_list is not None:
@@ -155,14 +244,18 @@ def profile_vram(gpu: str = "a6000", model: list[str] | None = None, arch: str |
             for s in specs:
                 kwargs = {"batch": b, "prompt_tokens": case["prompt_tokens"], "total_tokens": case["total_tokens"],
                           "decode_steps": decode_steps, "fill": fill, "dtype": dtype, "seed": seed}
+                workload = "lm"
+                if mode != "dynamic":
+                    kwargs["decode"] = mode
+                    workload = f"{StaticLMWorkload.__module__}:{StaticLMWorkload.__name__}"
                 with console.status(f"{s.name}: batch {b}, {case['total_tokens']} tokens on {device}"):
-                    m = P.measure_peak(s, "lm", kwargs, device=device, threads=threads)
+                    m = P.measure_peak(s, workload, kwargs, device=device, threads=threads)
                 w = P.weight_bytes(s.config, bpe)
                 cache_per_stream = analytic_cache_bytes(s.config, case["total_tokens"], 1, bpe)["total_bytes"]
                 per_stream = m["workload_peak_bytes"] / b
                 plan = plan_on_gpu(card, w["resident_bytes"], w["read_per_step_bytes"], per_stream,
                                    cache_per_stream, b)
-                rows.append({"model": s.name, "layout": s.layout, "case": case["case"], "batch": b,
+                rows.append({"model": s.name, "layout": s.layout, "case": case["case"], "batch": b, "decode": mode,
                              "prompt_tokens": case["prompt_tokens"], "total_tokens": case["total_tokens"],
                              "peak_bytes": m["workload_peak_bytes"], "peak_mb": P.mb(m["workload_peak_bytes"]),
                              "cache_bytes": m["cache_bytes"], "baseline_bytes": m["baseline_bytes"],
@@ -178,10 +271,11 @@ def profile_vram(gpu: str = "a6000", model: list[str] | None = None, arch: str |
     notes = [length_note, f"peak = {'CUDA allocator peak' if device == 'cuda' else 'worker RSS peak'} minus the "
              "loaded-model baseline (weights excluded); planning uses full-size weights "
              f"({dtype}) and {card['name']}: {card['memory_gib']} GiB, {card['bandwidth_gb_s']} GB/s",
-             f"cache reaches its length by {fill} fill after a real prompt prefill, then {decode_steps} real decode steps"]
+             f"cache reaches its length by {fill} fill after a real prompt prefill, then {decode_steps} real decode steps"
+             + ("" if mode == "dynamic" else f" ({mode} decode: a static cache preallocated to the whole length)")]
     if (n := P.text_embedding_note(specs)):
         notes.append(n)
-    result = {"gpu": card, "device": device, "dtype": dtype, "batches": batches, "cases": cases,
+    result = {"gpu": card, "device": device, "dtype": dtype, "decode": mode, "batches": batches, "cases": cases,
               "models": [{"name": s.name, "layout": s.layout, "source": s.source} for s in specs],
               "rows": rows, "notes": notes, "threads": threads}
     if out is not None:
@@ -227,7 +321,7 @@ def profile_bundles(bundles, text, ref, ref_text, max_tokens, card, device, seed
                      "rtf": m["seconds"] / m["audio_seconds"] if m["audio_seconds"] else None, "threads": n_threads,
                      "device": bdev,
                      "plan_max_streams": int(free // m["workload_peak_bytes"]) if m["workload_peak_bytes"] > 0 else None})
-    result = {"gpu": card, "device": device, "workload": "synth", "text": text, "rows": rows,
+    result = {"gpu": card, "device": device, "workload": "synth", "decode": "dynamic", "text": text, "rows": rows,
               "notes": ["peak = extra memory of one utterance's synthesis over the loaded backend (weights "
                         "excluded); streams = (card memory − weights) ÷ that peak"]}
     if out is not None:

@@ -7,6 +7,9 @@
     concatenation of the chunks is the utterance. With `stream=True` chunks are yielded as soon as they
     exist; otherwise a backend may yield one chunk per sentence;
   - `describe()` → a JSON-able dict for reports;
+  - `unknown_words(text)` → the words of a text the model was not trained to say, for a warning (default: none;
+    the mini voice, trained on a small grammar, lists the words outside it) and `unknown_words_warning(words)`
+    → that warning's one line;
   - `stats` → `StageTimes` accumulated since the last `stats.reset()` (the caller resets it).
 A user error (bad audio, text with nothing to speak, files that do not belong together) raises `UserError`.
 
@@ -75,6 +78,9 @@ class SynthesisBackend(abc.ABC):
     """Text + prompt → audio chunks. See the module docstring for the contract."""
 
     sample_rate: int = 24000
+    # The speech LM's decode path (`SpeechLM.generate(decode=…)`): "dynamic", "static" or "graph". `load` (and
+    # so `mamtra synth`) sets it from --decode; other users (eval, profile vram --bundle) keep the reference.
+    decode: str = "dynamic"
 
     def __init__(self) -> None:
         self.stats = StageTimes()
@@ -90,6 +96,16 @@ class SynthesisBackend(abc.ABC):
     @abc.abstractmethod
     def describe(self) -> dict:
         """What this backend is (model, sizes, dtypes, device, source files), JSON-able."""
+
+    def unknown_words(self, text: str) -> list[str]:
+        """Words of `text` outside what the model was trained to say, in order, each once. A backend that does
+        not know its model's scope (CosyVoice 2: an open vocabulary) reports none."""
+        return []
+
+    def unknown_words_warning(self, unknown: list[str]) -> str:
+        """The one-line warning for the words of `unknown_words` (printed by `mamtra synth`)."""
+        return ("warning: these words are outside what the model was trained on and may come out garbled: "
+                f"{', '.join(unknown)}.")
 
     # Sentence splitting: each backend names its text normaliser, its token counter and the piece sizes
     # (in its own text tokens) that its LM was trained on; `sentences` is the same for all.
@@ -417,6 +433,7 @@ class CosyVoice2Backend(SynthesisBackend):
                      "parameters": sum(p.numel() for p in self.hift.parameters())},
             "sampling": asdict(self.sampling),
             "max_new_tokens": self.max_new_tokens,
+            "decode": self.decode,
         }
 
     # -- one sentence -------------------------------------------------------------------------------
@@ -426,7 +443,8 @@ class CosyVoice2Backend(SynthesisBackend):
         if not stream:
             t0 = time.perf_counter()
             tokens = self.lm.generate(text_tokens, prompt.prompt_text_tokens, prompt.llm_prompt_speech_tokens,
-                                      sampling=self.sampling, seed=seed, max_new_tokens=self.max_new_tokens)
+                                      sampling=self.sampling, seed=seed, max_new_tokens=self.max_new_tokens,
+                                      decode=self.decode)
             _sync(self.device)
             self.stats.lm_s += time.perf_counter() - t0
             self._count(tokens)
@@ -448,7 +466,7 @@ class CosyVoice2Backend(SynthesisBackend):
             try:
                 self.lm.generate(text_tokens, prompt.prompt_text_tokens, prompt.llm_prompt_speech_tokens,
                                  sampling=self.sampling, seed=seed, max_new_tokens=self.max_new_tokens,
-                                 on_token=q.put)
+                                 on_token=q.put, decode=self.decode)
                 _sync(self.device)
             except BaseException as e:  # handed to the consumer, which re-raises it
                 q.put(e)

@@ -40,8 +40,13 @@ class Synthesizer:
         return int(self.backend.sample_rate)
 
     def describe(self) -> dict:
-        """What is loaded (model, sizes, dtypes, device, source files), JSON-able."""
-        return self.backend.describe()
+        """What is loaded (model, sizes, dtypes, device, source files, LM decode path), JSON-able."""
+        return {**self.backend.describe(), "decode": self.backend.decode}
+
+    def unknown_words(self, text: str) -> list[str]:
+        """Words of `text` outside what the model was trained to say, which it will likely garble (the mini voice
+        knows only the words of its training grammar; other models report none). Also in `save`'s report."""
+        return self.backend.unknown_words(text)
 
     def reference(self, ref: Optional[Path] = None, ref_text: Optional[str] = None) -> tuple[Path, Optional[str]]:
         """(wav, transcript) of the voice to speak in: `ref` and `ref_text` as given, or the model's sample voice
@@ -83,7 +88,8 @@ class Synthesizer:
         """Speak `text` into the wav `path` (16-bit PCM; written beside it and renamed at the end, so no partial
         wav is ever left; an existing file is kept unless `force`; `-` is stdout). Returns the report of
         `mamtra synth --json`: samples, audio and wall seconds, RTF (wall time of prompt + synthesis ÷ audio
-        duration; loading excluded), first-chunk latency, speech tokens and seconds per stage."""
+        duration; loading excluded), first-chunk latency, speech tokens, seconds per stage and the words the
+        model does not know (`unknown_words`)."""
         from mamtra_cli.synthesis.backend import check_text
         from mamtra_cli.synthesis.wavfile import WavWriter
 
@@ -107,7 +113,7 @@ class Synthesizer:
             "samples": wav.samples, "sample_rate": self.sample_rate, "audio_seconds": round(audio_s, 4),
             "wall_seconds": round(wall, 4), "rtf": round(wall / audio_s, 4) if audio_s > 0 else None,
             "first_chunk_seconds": round(first_chunk, 4) if first_chunk is not None else None, "chunks": chunks,
-            "stages": self.backend.stats.to_dict(),
+            "stages": self.backend.stats.to_dict(), "unknown_words": self.unknown_words(text),
         }
 
     def peak_memory(self) -> tuple[float, str]:
@@ -124,7 +130,7 @@ class Synthesizer:
 
 
 def load(model: Optional[str] = None, assets: Optional[Path] = None, device: str = "auto", lm_dtype: str = "auto",
-         max_tokens: Optional[int] = None, threads: int = 0) -> Synthesizer:
+         max_tokens: Optional[int] = None, threads: int = 0, decode: str = "auto") -> Synthesizer:
     """Load a model to speak with, as `mamtra synth --model MODEL --assets ASSETS` does.
 
     `model`: None or "mini" (the built-in voice), a bundle from `mamtra export`, a mini voice directory or mini
@@ -135,6 +141,8 @@ def load(model: Optional[str] = None, assets: Optional[Path] = None, device: str
     `max_tokens` caps the speech tokens of each sentence (default 20 × its text tokens, as CosyVoice).
     `threads`: torch's CPU threads (0: 1 for models under 25 M parameters, else torch's default capped at the
     usable CPUs); this sets torch's global thread count.
+    `decode`: the speech LM's decode path, auto (a CUDA graph of the static-cache step on a GPU, the dynamic
+    cache on a CPU), dynamic, static or graph (CUDA only) — see `mamtra_cli.models.decode_mode`.
     """
     import torch
 
@@ -149,6 +157,9 @@ def load(model: Optional[str] = None, assets: Optional[Path] = None, device: str
     assets = None if assets is None else Path(assets)
     check_model_exists(model)
     dev = torch.device(synthesis_device(model, assets, device))
+    from mamtra_cli.models.decode_mode import resolve_decode
+
+    mode = resolve_decode(decode, dev)  # before loading: "graph" on a CPU is refused at once
     dtype = None if lm_dtype == "auto" else parse_dtype(lm_dtype, "--lm-dtype")
     if lm_dtype == "auto" and dev.type == "cpu":
         dtype = torch.float32  # half-precision matmuls are slow on CPUs
@@ -157,5 +168,6 @@ def load(model: Optional[str] = None, assets: Optional[Path] = None, device: str
     t0 = time.perf_counter()
     backend = resolve_backend(model, assets, device=str(dev), lm_dtype=dtype, max_new_tokens=max_tokens)
     load_seconds = time.perf_counter() - t0
+    backend.decode = mode
     n_threads = apply_threads(threads, count_parameters(backend.lm))
     return Synthesizer(backend, model, assets, str(dev), load_seconds, n_threads)

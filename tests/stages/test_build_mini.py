@@ -12,7 +12,8 @@ needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="esp
 
 
 @needs_espeak
-def test_build_mini_toy_end_to_end(tmp_path):
+@pytest.mark.parametrize("quantizer", ["fsq", "kmeans"])
+def test_build_mini_toy_end_to_end(tmp_path, quantizer):
     import typer
     from typer.testing import CliRunner
 
@@ -21,11 +22,14 @@ def test_build_mini_toy_end_to_end(tmp_path):
     app = typer.Typer()
     app.command()(build_mini)
     out, work = tmp_path / "mini", tmp_path / "work"
-    args = ["--work", str(work), "--toy", "--seed", "1", "--threads", "1", "--codec-sentences", "40"]
+    args = ["--work", str(work), "--toy", "--seed", "1", "--threads", "1", "--codec-sentences", "40",
+            "--quantizer", quantizer]
+    vocab = 81 if quantizer == "fsq" else 64  # toy FSQ: 3 levels × 4 dims
     result = CliRunner().invoke(app, ["--out", str(out), *args])
     assert result.exit_code == 0, result.output
     for name in ("config.yaml", "model.safetensors", "manifest.json", "text_vocab.json", "codec.yaml",
-                 "codec.safetensors", "sample_voice.wav", "sample_voice.txt"):
+                 "codec.safetensors", "sample_voice.wav", "sample_voice.txt", "demo_distill.jsonl",
+                 "demo_test.jsonl"):
         assert (out / name).is_file(), name
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "build-mini" and manifest["seed"] == 1
@@ -40,17 +44,26 @@ def test_build_mini_toy_end_to_end(tmp_path):
     assert manifest["metrics"]["teacher"] == cycles[-1]["best"]
     assert manifest["metrics"]["teacher_steps_run"] == 30
     # The codec was fitted on the first 40 utterances only, yet every utterance was tokenised.
-    codec_marker = json.loads((work / "codec" / "codebook.json").read_text())
-    assert codec_marker["parameters"]["codec_sentences"] == 40
-    assert json.loads((work / "codec" / "decoder.json").read_text())["parameters"]["codec_sentences"] == 40
+    if quantizer == "fsq":
+        assert json.loads((work / "codec" / "fsq.json").read_text())["parameters"]["codec_sentences"] == 40
+        assert params["quantizer"] == "fsq" and params["codebook"] == 81
+    else:
+        codec_marker = json.loads((work / "codec" / "codebook.json").read_text())
+        assert codec_marker["parameters"]["codec_sentences"] == 40
+        assert json.loads((work / "codec" / "decoder.json").read_text())["parameters"]["codec_sentences"] == 40
 
     from mamtra_cli.data_manifest import read_manifest
     from mamtra_cli.mini.backend import MiniBackend
 
-    header, utts = read_manifest(work / "data" / "train.jsonl", text_vocab=49, speech_vocab=64)
+    header, utts = read_manifest(work / "data" / "train.jsonl", text_vocab=49, speech_vocab=vocab)
     assert header.speech_tokenizer["rate_hz"] == 25.0 and len(utts) == 80
+    assert header.speech_tokenizer["name"] == f"mini-codec-{quantizer}{vocab}"
     assert len({u.spk for u in utts}) == 4 and all(u.speech_tokens for u in utts)
-    assert len(read_manifest(work / "data" / "test.jsonl", text_vocab=49, speech_vocab=64)[1]) == 6
+    assert len(read_manifest(work / "data" / "test.jsonl", text_vocab=49, speech_vocab=vocab)[1]) == 6
+    # demo data: the codec subset minus the validation rows (40 - 8), and the whole test set
+    distill = read_manifest(out / "demo_distill.jsonl", text_vocab=49, speech_vocab=vocab)[1]
+    assert len(distill) == 32 and {u.utt for u in distill} <= {u.utt for u in utts[8:40]}
+    assert len(read_manifest(out / "demo_test.jsonl", text_vocab=49, speech_vocab=vocab)[1]) == 6
 
     backend = MiniBackend(out, codec_dir=out)
     assert backend.lm.config.num_layers == 12 and set(backend.lm.config.layer_types) == {"attention"}
@@ -67,7 +80,8 @@ def test_build_mini_toy_end_to_end(tmp_path):
     again = CliRunner().invoke(app, ["--out", str(tmp_path / "mini2"), *args])
     assert again.exit_code == 0, again.output
     reused = json.loads((tmp_path / "mini2" / "manifest.json").read_text())["metrics"]["phases_reused"]
-    assert reused == ["corpus", "codebook", "manifests", "decoder", "teacher_cycle1", "teacher_cycle2"]
+    codec_phases = ["tokenizer", "manifests"] if quantizer == "fsq" else ["codebook", "manifests", "decoder"]
+    assert reused == ["corpus", *codec_phases, "teacher_cycle1", "teacher_cycle2"]
 
 
 @pytest.mark.parametrize("cycles", ["26.5m:2.5e-3", "90x:1e-3:50", "0:1e-3:5", "10:-1e-3:5", "10:1e-3:5,"])

@@ -1,6 +1,7 @@
 """End-to-end `mamtra distill`: tiny teacher → transfer → distill → score; two gloo processes under
 torchrun equal one process on the same global batches; a SIGKILLed run resumed from its checkpoint ends
-bit-identical to an uninterrupted one."""
+bit-identical to an uninterrupted one; the recipe options (--stages, --select, --patience, repeated --data)
+from the command line, and their one-sentence refusals."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 
 from mamtra_cli import distillation as kd
 from mamtra_cli.cli import main
-from tests.stages.harness import make_tiny_triple
+from tests.stages.harness import make_tiny_triple, one_error, run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -137,3 +138,85 @@ def test_sigkill_then_resume_is_bit_identical(setup_dirs, tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in rows if r["kind"] == "train"]
     assert train_steps == list(range(1, 25))  # no duplicated steps from the killed try
+
+
+# ------------------------------------------------------------------------------------------ the recipe options
+def recipe_args(root: Path, out: Path, *extra) -> list[str]:
+    return [str(a) for a in ["distill", "--teacher", root / "T", "--student", root / "S", "--out", out,
+                             "--batch-tokens", "64", "--warmup", "0", "--device", "cpu", "--threads", "1",
+                             "--save-every", "0", *extra]]
+
+
+def test_stages_best_and_patience_from_the_command_line(setup_dirs, tmp_path, capsys):
+    root = setup_dirs
+    out = tmp_path / "kd"
+    code, stdout, err = run(capsys, *recipe_args(root, out, "--data", root / "train.jsonl", "--val",
+                                                 root / "val.jsonl", "--stages", "mamba:2,all:2:1e-2",
+                                                 "--eval-every", "1", "--patience", "3", "--json"))
+    assert code == 0, err
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    vals = {r["step"]: r["val_ce"] for r in rows if r["kind"] == "val"}
+    best = min(vals, key=lambda k: (vals[k], k))
+    assert summary["selected"] == {"rule": "best val CE", "step": best, "val_ce": vals[best]}
+    assert summary["last_val_ce"] == vals[4] and summary["steps"] == 4 and not summary["stopped_early"]
+    assert [(st["train"], st["start"], st["end"]) for st in summary["stages"]] == [("mamba", 0, 2), ("all", 2, 4)]
+    assert [r["lr"] for r in rows if r["kind"] == "train"][2] == pytest.approx(1e-2)  # stage 2's own lr
+    params = json.loads((out / "manifest.json").read_text())["parameters"]
+    assert params["stages"] == [["mamba", 2, None], ["all", 2, 1e-2]] and params["train"] is None
+    assert params["select"] == "best" and params["patience"] == 3
+    # the plain (non --json) output prints dicts and lists as JSON
+    code, stdout, err = run(capsys, *recipe_args(root, tmp_path / "kd2", "--data", root / "train.jsonl",
+                                                 "--max-steps", "1", "--select", "last"))
+    assert code == 0, err
+    fields = dict(line.split("\t", 1) for line in stdout.strip().splitlines())
+    assert json.loads(fields["selected"]) == {"rule": "last", "step": 1, "val_ce": None}
+    assert fields["utterances"] == "12" and fields["stopped_early"] == "False"
+
+
+def test_several_data_manifests(setup_dirs, tmp_path, capsys):
+    from mamtra_cli.data_manifest import ManifestHeader, read_manifest, write_manifest
+
+    root = setup_dirs
+    _, utts = read_manifest(root / "train.jsonl")
+    real, pseudo = tmp_path / "real.jsonl", tmp_path / "pseudo.jsonl"
+    write_manifest(real, ManifestHeader(speech_tokenizer={"name": "s3", "sha256": "aa"}), utts[:5])
+    write_manifest(pseudo, ManifestHeader(speech_tokenizer={"name": "s3", "sha256": "aa"}), utts[5:])
+    out = tmp_path / "kd"
+    code, stdout, err = run(capsys, *recipe_args(root, out, "--data", real, "--data", pseudo, "--max-steps", "2",
+                                                 "--json"))
+    assert code == 0, err
+    assert json.loads(stdout.strip().splitlines()[-1])["utterances"] == len(utts) == 12
+    data = json.loads((out / "manifest.json").read_text())["inputs"]["data"]
+    assert [(d["path"], d["utterances"]) for d in data] == [(str(real.resolve()), 5), (str(pseudo.resolve()), 7)]
+    assert all(len(d["sha256"]) == 64 for d in data) and data[0]["sha256"] != data[1]["sha256"]
+
+    other = tmp_path / "other.jsonl"
+    write_manifest(other, ManifestHeader(speech_tokenizer={"name": "s3-v2", "sha256": "bb"}), utts[5:])
+    code, stdout, err = run(capsys, *recipe_args(root, tmp_path / "kd2", "--data", real, "--data", other))
+    line = one_error(err)
+    assert code == 2 and "different speech tokenizers" in line and str(other) in line
+    assert not (tmp_path / "kd2").exists() and not kd.partial_dir(tmp_path / "kd2").exists()
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--select", "best"], "--select best"),
+    (["--patience", "2"], "--patience"),
+    (["--stages", "mamba:2", "--train", "all"], "--train"),
+    (["--stages", "mamba:2", "--max-steps", "3"], "--max-steps"),
+    (["--stages", "mamba:2", "--epochs", "1"], "--epochs"),
+    (["--stages", "mamba"], "TRAIN:STEPS"),
+    (["--stages", "mamba:0"], "at least 1 step"),
+    (["--stages", "mamba:2,no.such.*:2"], "matches no parameter"),
+    (["--select", "worst", "--val", "VAL"], "--select"),
+    (["--min-delta", "-0.1", "--val", "VAL"], "--min-delta"),
+    (["--data", "DATA"], "given twice"),
+])
+def test_bad_recipe_options_are_one_sentence(setup_dirs, tmp_path, capsys, extra, needle):
+    root = setup_dirs
+    extra = [str(root / "val.jsonl") if a == "VAL" else str(root / "train.jsonl") if a == "DATA" else a
+             for a in extra]
+    out = tmp_path / "kd"
+    code, stdout, err = run(capsys, *recipe_args(root, out, "--data", root / "train.jsonl", *extra))
+    assert code == 2 and stdout == "" and needle in one_error(err), err
+    assert not out.exists() and not kd.partial_dir(out).exists()
