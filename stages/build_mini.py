@@ -21,12 +21,17 @@ def build_mini(
                               help="Cache of the intermediate phases (corpus wavs, codec, manifests, checkpoints)."),
     sentences: int = typer.Option(20000, help="Training sentences (each spoken once, voices round-robin)."),
     test_sentences: int = typer.Option(120, help="Held-out sentences, spoken by the held-out voices."),
-    voices: int = typer.Option(12, help="Training voices (espeak-ng voice, variant, pitch, rate); at most 12."),
-    quantizer: str = typer.Option("fsq", help="Speech tokenizer: fsq (a learned conv encoder/decoder, 3 levels "
-                                  "× 8 dims = 6561 codes at 25 Hz, as CosyVoice 2) or kmeans (the first mini "
-                                  "codec: k-means over pairs of 50 Hz mel frames and a conv decoder)."),
-    codebook: int = typer.Option(0, help="k-means codes (0: 512); FSQ always has 6561."),
-    tokenizer_steps: int = typer.Option(7000, "--tokenizer-steps", help="Training steps of the FSQ tokenizer."),
+    voices: int = typer.Option(8, help="Training voices (espeak-ng voice, variant, pitch, rate); at most 12."),
+    quantizer: str = typer.Option("kmeans", help="Speech tokenizer: kmeans (the shipped voice's codec: k-means "
+                                  "over pairs of 50 Hz mel frames and a conv decoder) or fsq (a learned conv "
+                                  "encoder/decoder with finite scalar quantisation at 25 Hz, as CosyVoice 2: far more "
+                                  "intelligible resynthesis, but the teacher learns its tokens much more slowly — see "
+                                  "`mamtra_cli.mini.build`)."),
+    codebook: int = typer.Option(0, help="k-means codes (0: 512); FSQ has 3^--fsq-dims."),
+    fsq_dims: int = typer.Option(8, "--fsq-dims", help="FSQ latent dimensions, 3 levels each: 3^8 = 6561 codes "
+                                 "(CosyVoice 2's vocabulary size), 3^6 = 729."),
+    tokenizer_steps: int = typer.Option(7000, "--tokenizer-steps", help="Training steps of the FSQ tokenizer "
+                                        "(7000: about 35 minutes on 2 cores)."),
     codec_sentences: int = typer.Option(3000, "--codec-sentences",
                                         help="Fit the codebook and the decoder on the first N training "
                                         "utterances (0 = all); every utterance is tokenised."),
@@ -67,7 +72,7 @@ def build_mini(
 
     built = build(out, work=work, sentences=sentences, test_sentences=test_sentences, voices=voices,
                   codebook=codebook, codec_sentences=codec_sentences, decoder_steps=decoder_steps, cycles=cycles,
-                  quantizer=quantizer, tokenizer_steps=tokenizer_steps,
+                  quantizer=quantizer, fsq_dims=fsq_dims, tokenizer_steps=tokenizer_steps,
                   batch_size=batch_size, hidden=hidden, speech_input_noise=speech_input_noise,
                   render_jobs=render_jobs, threads=threads, seed=seed, phase=phase, toy=toy, force=force)
     if built is not None:

@@ -11,12 +11,15 @@ import pytest
 
 from mamtra_cli.data_manifest import read_manifest
 from mamtra_cli.mini import BUILTIN_DIR
+from mamtra_cli.mini.codec import CodecConfig
 from mamtra_cli.mini.backend import MiniBackend
 from mamtra_cli.mini.text import CharTokenizer
 from mamtra_cli.pseudo_labels import grammar_texts, held_out_sentences
 from mamtra_cli.synthesis.backend import split_sentences
 from tests.stages.harness import one_error, run
 
+_SPEECH_VOCAB = (CodecConfig.load(BUILTIN_DIR / "codec.yaml").codebook_size
+                 if (BUILTIN_DIR / "codec.yaml").is_file() else 0)
 pytestmark = pytest.mark.skipif(not (BUILTIN_DIR / "model.safetensors").is_file(),
                                 reason="the built-in mini voice is not in this checkout (mamtra build-mini)")
 CV2_TINY = Path(__file__).resolve().parent / "fixtures" / "cv2-tiny"
@@ -55,7 +58,7 @@ def test_manifest_reads_back_with_the_teachers_vocabularies(labelled):
     out, result = labelled[4]
     assert result["count"] == 6 and result["kept"] + result["dropped"] == 6 and result["threads"] == 1
     assert result["tokens"] > 0 and result["tokens_per_second"] > 0
-    header, utts = read_manifest(out / "data.jsonl", text_vocab=49, speech_vocab=512)
+    header, utts = read_manifest(out / "data.jsonl", text_vocab=49, speech_vocab=_SPEECH_VOCAB)
     assert len(utts) == result["kept"] >= 1
     # the same tokenizers as the mini's own training data, so distill/score accept it beside that data
     demo_header, _ = read_manifest(BUILTIN_DIR / "demo_distill.jsonl")
@@ -112,7 +115,7 @@ def test_text_file_is_cycled_and_capped_utterances_are_dropped_or_kept(tmp_path,
                          "--max-tokens", "8", "--keep-capped", "--threads", "1", "--out", tmp_path / "a", "--json")
     assert code == 0, err
     r = json.loads(out)
-    _, utts = read_manifest(tmp_path / "a" / "data.jsonl", text_vocab=49, speech_vocab=512)
+    _, utts = read_manifest(tmp_path / "a" / "data.jsonl", text_vocab=49, speech_vocab=_SPEECH_VOCAB)
     assert [u.text for u in utts] == ["Hello there.", "The cat sat on the mat."] * 2 + ["Hello there."]
     assert r["kept"] == 5 and r["capped"] == 5 and all(len(u.speech_tokens) == 8 for u in utts)
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())

@@ -24,7 +24,11 @@ def test_builtin_voice_layout_and_size():
     names = {p.name for p in BUILTIN_DIR.iterdir()}
     assert {"config.yaml", "model.safetensors", "manifest.json", "text_vocab.json", "codec.yaml",
             "codec.safetensors", "sample_voice.wav", "sample_voice.txt"} <= names
-    assert sum(p.stat().st_size for p in BUILTIN_DIR.iterdir()) < 25 * 2**20
+    # Everything built in (voice, eval list, future shipped hybrids) must stay under 40 MB (the voice issue's
+    # budget); the voice alone takes at most 30 MB of it.
+    assert sum(p.stat().st_size for p in BUILTIN_DIR.iterdir()) < 30e6
+    everything = sum(p.stat().st_size for p in BUILTIN_DIR.parent.rglob("*") if p.is_file())
+    assert everything < 40e6
 
 
 def test_synthesises_speech_from_the_sample_voice(backend):
