@@ -71,12 +71,6 @@ def _file_sha(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _tensor_sha(t) -> str:
-    import hashlib
-
-    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
-
-
 def _save_weights(module, path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -87,6 +81,17 @@ def _load_weights(module, path: Path) -> None:
     from safetensors.torch import load_file
 
     module.load_state_dict(load_file(str(path)))
+
+
+def _reuse_module(module, marker: Path, weights: Path, params: dict, name: str, reused: list) -> bool:
+    """Load `weights` into `module` (eval mode) if `marker` records `params`; returns whether it did."""
+    if not _marker_ok(marker, params):
+        return False
+    _load_weights(module, weights)
+    module.eval()
+    _log(f"{name}: reusing")
+    reused.append(name)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- cycles
@@ -218,12 +223,8 @@ def decoder_phase(codec, feats_of_subset, work: Path, params: dict, decoder_step
     from mamtra_cli.mini.codec import CodecDecoder, train_decoder
 
     marker, weights = work / "codec" / "decoder.json", work / "codec" / "decoder.safetensors"
-    if _marker_ok(marker, params):
-        codec.decoder = CodecDecoder(codec.cfg)
-        _load_weights(codec.decoder, weights)
-        codec.decoder.eval()
-        _log("decoder: reusing")
-        reused.append("decoder")
+    codec.decoder = CodecDecoder(codec.cfg)
+    if _reuse_module(codec.decoder, marker, weights, params, "decoder", reused):
         return
     feats = feats_of_subset()
     codec.decoder = train_decoder(codec, [m for m, _ in feats], [lin for _, lin in feats], decoder_steps,
@@ -239,11 +240,7 @@ def tokenizer_phase(codec, feats_of_subset, work: Path, params: dict, steps: int
 
     marker, weights = work / "codec" / "fsq.json", work / "codec" / "fsq.safetensors"
     codec.tokenizer = codec.new_tokenizer(codec.cfg)
-    if _marker_ok(marker, params):
-        _load_weights(codec.tokenizer, weights)
-        codec.tokenizer.eval()
-        _log("FSQ tokenizer: reusing")
-        reused.append("tokenizer")
+    if _reuse_module(codec.tokenizer, marker, weights, params, "tokenizer", reused):
         return
     feats = feats_of_subset()
     _log(f"FSQ tokenizer: {codec.cfg.codebook_size} codes ({codec.cfg.fsq_levels} levels × {codec.cfg.fsq_dims} "
@@ -421,7 +418,7 @@ def build_mini(out: Path, work: Path = Path("/tmp/mini_build/work"), sentences: 
         _log("decoder: skipped (--phase teacher)")
     else:
         decoder_params = {"decoder_steps": decoder_steps, "seed": seed, "codec_sentences": n_codec,
-                          "codebook_sha256": _tensor_sha(codec.centroids)}
+                          "codebook_sha256": codec.fingerprint()}
         decoder_phase(codec, feats_of_subset, work, decoder_params, decoder_steps, seed, reused)
     subset_feats.clear()
     timings["decoder_s"] = round(time.time() - t, 1)

@@ -178,13 +178,7 @@ def state_step(
     A: (nheads,); B, C: (batch, nheads, dstate). Returns y (batch, nheads, headdim) in x.dtype and the
     new state in state.dtype.
     """
-    if (
-        use_kernels
-        and _on_cuda(state, x, dt, A, B, C)
-        and state.dtype in _KERNEL_DTYPES
-        and x.dtype in _KERNEL_DTYPES
-        and _have_mamba()
-    ):
+    if fused_step_available(state, x, use_kernels) and _on_cuda(dt, A, B, C):
         kernel = _get("selective_state_update")
         b, h, p, n = state.shape
         # The kernel takes per-(head, headdim) dt and per-(head, headdim, dstate) A; zero-stride
