@@ -1,21 +1,24 @@
 """Rebuilding the built-in offline "mini" voice from scratch (corpus → codec → teacher): `build_mini`, the
 work of `mamtra build-mini`.
 
-The defaults are the recipe that made the shipped voice: 20,000 training sentences in 8 voices; a codec (k-means
-codebook and decoder) fitted on the first 3,000 of them and used to tokenise all; a 12-layer teacher (hidden
-128, batch 32, AdamW weight decay 0.05, betas (0.9, 0.98), clip 1.0, 15 % of its input speech tokens replaced
-by random codes) trained in two cosine cycles, 26.5 minutes at peak lr 2.5e-3 then a warm restart from the
-best checkpoint for 90 minutes at 1.5e-3, on 2 threads (`threads=2`; the default, 0, picks 1 thread for a
-model this small, which a loaded machine runs faster), validated every 150 steps on the first 100 training
-utterances.
+The shipped voice is built in two runs (the README gives the commands):
+  a. the defaults: 20,000 training sentences in 8 voices; a k-means codec (512-code codebook over pairs of 50 Hz
+     mel frames and a conv decoder) fitted on the first 3,000 of them and used to tokenise all; a 12-layer
+     teacher (hidden 128, batch 32, AdamW weight decay 0.05, betas (0.9, 0.98), clip 1.0, 15 % of its input
+     speech tokens replaced by random codes) trained in two cosine cycles, 26.5 minutes at peak lr 2.5e-3
+     then a warm restart from the best checkpoint for 90 minutes at 1.5e-3, on 2 threads (`threads=2`; the
+     default, 0, picks 1 thread for a model this small, which a loaded machine runs faster), validated every
+     150 steps on the first 100 training utterances. This was the shipped voice until the FSQ one.
+  b. `quantizer="fsq"`, 12 voices, `warm_start=` the output of (a), `cycles=FSQ_WARM_CYCLES`: the learned FSQ
+     tokenizer (`mamtra_cli.mini.fsq`: conv encoder/decoder, 3 levels × 8 dims = 6561 codes at 25 Hz, 7000
+     steps on the first 3,000 utterances) and a teacher of the same shape started from (a)'s
+     (`mamtra_cli.mini.warm_start`: transformer copied, speech tables mapped by code co-occurrence).
 
-`quantizer="fsq"` swaps the k-means codec for a learned FSQ tokenizer (`mamtra_cli.mini.fsq`: conv
-encoder/decoder, 3 levels × `fsq_dims` dims at 25 Hz, `tokenizer_steps` steps on the same 3,000 utterances).
-It keeps far more of the words — Whisper tiny.en WER of held-out resynthesis 0.43 with 3^8 = 6561 codes and
-0.52 with 3^6 = 729, against 0.74 for the k-means codec and 0.30 for the speech itself — but the 12-layer
-teacher learns its tokens much more slowly: on 2 cores, 6561 codes reached validation CE 7.84 nats (uniform:
-8.79) after 300 steps / 21 minutes, and 729 codes 4.45 after 15 minutes (uniform: 6.59), where the k-means
-teacher was at 1.43. A teacher on FSQ tokens needs far more than this recipe's two hours (or a bigger machine).
+Why (Whisper tiny.en WER on the 120-row held-out list; speech itself 0.30): the k-means codec's resynthesis
+loses most words (0.74; its teacher 0.78), the FSQ codec keeps most (0.43 with 6561 codes, 0.52 with 729).
+But a 12-layer teacher learns FSQ tokens slowly from scratch on 2 cores — 6561 codes at validation CE 7.84
+nats (uniform 8.79) after 21 minutes, 729 codes at 4.45 after 15 — where the warm start from the k-means
+teacher reached 3.10 on 6561 codes in 80 minutes and speaks the held-out list at WER 0.531.
 
 Phases, each cached in `work` (a phase whose marker records the same parameters is reused, so an
 interrupted build resumes; rendering and training are the slow parts):
@@ -28,6 +31,8 @@ interrupted build resumes; rendering and training are the slow parts):
                the same `codec_sentences` utterances (the FSQ tokenizer decodes itself) work/codec/
   5. teacher   12-layer all-attention SpeechLM on the manifests, one checkpoint per `cycles` cycle (its
                best by validation loss, where the next cycle starts)                    work/teacher/
+               With `warm_start`, cycle 1 starts from the donor teacher, its codes mapped by co-occurrence
+               on the WARM_MAP_UTTERANCES training utterances after the codec subset.
 Output: a model directory (config.yaml, model.safetensors, manifest.json) that also holds text_vocab.json,
 codec.yaml, codec.safetensors, sample_voice.wav, sample_voice.txt, demo_distill.jsonl and demo_test.jsonl — the
 layout of mamtra_cli/builtin/mini/.
@@ -43,14 +48,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# The shipped voice: 26.5 minutes at peak lr 2.5e-3 (150 warm-up steps), then a warm restart from that
-# cycle's best weights for 90 minutes at 1.5e-3 (50 warm-up steps; a fresh optimizer).
+# The k-means voice (the warm start of the shipped one): 26.5 minutes at peak lr 2.5e-3 (150 warm-up steps),
+# then a warm restart from that cycle's best weights for 90 minutes at 1.5e-3 (50 warm-up steps; a fresh optimizer).
 DEFAULT_CYCLES = "26.5m:2.5e-3:150,90m:1.5e-3:50"
+# The shipped FSQ voice, warm-started from a DEFAULT_CYCLES k-means voice: one cycle of 80 minutes at 1.5e-3.
+# A warm restart for 30 more minutes at 1e-3 lowered the training voices' validation CE (3.10 → 3.01) but not the
+# held-out voices' (5.28 → 5.33; Whisper WER 0.531 → 0.547), so it was not kept.
+FSQ_WARM_CYCLES = "80m:1.5e-3:50"
 # --toy: two cycles of 15 steps, so that the warm restart is exercised by the smoke test.
 TOY_CYCLES = "15:2e-3:5,15:1e-3:5"
 TEACHER_WEIGHT_DECAY = 0.05
 DEMO_DISTILL = 400  # utterances of `mamtra demo`'s distillation data
 KMEANS_ITERS, KMEANS_FRAMES = 25, 150_000
+# Warm start: code co-occurrence counted on this many training utterances after the codec subset (about 150,000
+# token positions, some 20 per code of a 6561-code tokenizer).
+WARM_MAP_UTTERANCES = 2000
 
 
 def _log(msg: str) -> None:
@@ -252,11 +264,12 @@ def tokenizer_phase(codec, feats_of_subset, work: Path, params: dict, steps: int
 
 # ---------------------------------------------------------------------------------------------- teacher
 def teacher_phase(model, train_utts, val_utts, cycles: list[Cycle], base, ckpt_dir: Path, params: dict,
-                  space_id: int, reused: list) -> list[dict]:
+                  space_id: int, reused: list, init=None) -> list[dict]:
     """Phase 5: the cycles in order, each from the previous one's best weights with a fresh optimizer; cycle
     i's best weights go to ckpt_dir/cycle{i}.safetensors with a marker, so an interrupted build resumes at
-    the first unfinished cycle. `base` is the TrainSettings every cycle shares. Leaves the last cycle's best
-    weights in `model`; returns one record per cycle."""
+    the first unfinished cycle. `base` is the TrainSettings every cycle shares; `init(model)`, if given, sets
+    the starting weights of cycle 1 when it is trained (a warm start). Leaves the last cycle's best weights in
+    `model`; returns one record per cycle."""
     from dataclasses import replace
 
     from mamtra_cli.mini.train import train_teacher
@@ -283,6 +296,8 @@ def teacher_phase(model, train_utts, val_utts, cycles: list[Cycle], base, ckpt_d
             _save_weights(m, ckpt_dir / "best.safetensors")
             (ckpt_dir / "best.json").write_text(json.dumps({"cycle": i, **best}) + "\n")
 
+        if i == 1 and init is not None:
+            init(model)
         # Every cycle reuses the seed: the shipped voice's second cycle was a fresh run of the same script
         # (same batch order and noise draws) started from the first cycle's best weights.
         retrained = True
@@ -301,7 +316,8 @@ def teacher_phase(model, train_utts, val_utts, cycles: list[Cycle], base, ckpt_d
 def build_mini(out: Path, work: Path = Path("/tmp/mini_build/work"), sentences: int = 20000, test_sentences: int = 120,
                voices: int = 8, codebook: int = 0, codec_sentences: int = 3000, decoder_steps: int = 1000,
                quantizer: str = "kmeans", fsq_dims: int = 8, tokenizer_steps: int = 7000,
-               cycles: str = DEFAULT_CYCLES, batch_size: int = 32, hidden: int = 128, speech_input_noise: float = 0.15,
+               warm_start: Path | str | None = None, cycles: str = DEFAULT_CYCLES, batch_size: int = 32,
+               hidden: int = 128, speech_input_noise: float = 0.15,
                render_jobs: int = 2, threads: int = 0, seed: int = 0, phase: str = "all", toy: bool = False,
                force: bool = False) -> Path | None:
     """Rebuild the mini voice into the model directory `out` (the layout of mamtra_cli/builtin/mini/), caching
@@ -320,7 +336,7 @@ def build_mini(out: Path, work: Path = Path("/tmp/mini_build/work"), sentences: 
     from mamtra_cli.mini import corpus as corpus_mod
     from mamtra_cli.mini.codec import CodecConfig, MiniCodec
     from mamtra_cli.mini.text import CharTokenizer
-    from mamtra_cli.mini.train import TrainSettings, mini_model_config
+    from mamtra_cli.mini.train import TrainSettings, evaluate_loss, mini_model_config
     from mamtra_cli.models.speech_lm import SpeechLM
 
     if phase not in ("all", "codec", "teacher"):
@@ -358,6 +374,17 @@ def build_mini(out: Path, work: Path = Path("/tmp/mini_build/work"), sentences: 
     elif codebook < 0 or codebook == 1:
         raise UserError(f"--codebook must be 2 or more (or 0 for the default 512), not {codebook}.")
     codebook = codec_cfg.codebook_size
+    donor_dir = donor_codec = None
+    if warm_start is not None:
+        from mamtra_cli.mini import BUILTIN_DIR
+        from mamtra_cli.mini.warm_start import check_same_frames
+
+        donor_dir = BUILTIN_DIR if str(warm_start) == "mini" else Path(warm_start)
+        if not (donor_dir / "codec.yaml").is_file() or not (donor_dir / "model.safetensors").is_file():
+            raise UserError(f"--warm-start {warm_start}: not a mini voice directory (no codec.yaml and "
+                            "model.safetensors there); pass `mini` or a `mamtra build-mini` output.")
+        donor_codec = MiniCodec.load(donor_dir)
+        check_same_frames(MiniCodec(codec_cfg), donor_codec, f"--warm-start {warm_start}")
     if phase == "all":
         checkpoints.check_output_dir(out, force)
     from mamtra_cli.cli import apply_threads
@@ -442,12 +469,37 @@ def build_mini(out: Path, work: Path = Path("/tmp/mini_build/work"), sentences: 
                       "concat_prob": base.concat_prob, "speech_input_noise": speech_input_noise,
                       "eval_every": base.eval_every, "val_utterances": n_val,
                       "data_sha256": _file_sha(work / "data" / "train.jsonl")}
+    init = None
+    if donor_dir is not None:
+        map_items = train_items[n_codec:n_codec + WARM_MAP_UTTERANCES] or train_items[:WARM_MAP_UTTERANCES]
+        teacher_params["warm_start"] = {"model_sha256": _file_sha(donor_dir / "model.safetensors"),
+                                        "codec": donor_codec.fingerprint(), "map_utterances": len(map_items)}
+
+        def warm_init(m):
+            import soundfile as sf
+
+            from mamtra_cli.mini.warm_start import code_cooccurrence, warm_start as start
+
+            def mels():
+                for it in map_items:
+                    wav, sr = sf.read(str(corpus_dir / it.wav), dtype="float32")
+                    yield codec.features(wav, sr)[0]
+
+            _log(f"warm start from {donor_dir}: mapping codes on {len(map_items)} utterances")
+            counts = code_cooccurrence(codec, donor_codec, mels(), log=_log)
+            start(m, donor_dir, donor_codec, counts)
+            seen = int((counts.sum(1) > 0).sum())
+            _log(f"warm start: {seen} of {codebook} codes seen; validation loss "
+                 f"{evaluate_loss(m, val_utts)['loss']:.3f} before training")
+            m.train()
+
+        init = warm_init
     ckpt_dir = work / "teacher"
     ckpt_dir.mkdir(exist_ok=True)
     _log(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
          f"{len(train_utts)} train / {len(val_utts)} val utterances, {len(cycle_list)} cycles")
     cycle_records = teacher_phase(model, train_utts, val_utts, cycle_list, base, ckpt_dir, teacher_params,
-                                  tok.index[" "], reused)
+                                  tok.index[" "], reused, init=init)
     timings["teacher_s"] = round(time.time() - t, 1)
     if phase == "teacher":
         _log("teacher phase done (--phase teacher)")
@@ -469,14 +521,17 @@ def build_mini(out: Path, work: Path = Path("/tmp/mini_build/work"), sentences: 
         test_header, test_utts = read_manifest(work / "data" / "test.jsonl", tok.vocab_size, codebook)
         write_manifest(tmp / "demo_test.jsonl", test_header, test_utts)
         manifest = checkpoints.run_manifest(
-            "build-mini", inputs={"corpus": {"path": str(corpus_dir), "sha256": corpus_sha}},
+            "build-mini", inputs={"corpus": {"path": str(corpus_dir), "sha256": corpus_sha},
+                                  **({"warm_start": {"path": str(donor_dir),
+                                                     "sha256": teacher_params["warm_start"]["model_sha256"]}}
+                                     if donor_dir is not None else {})},
             parameters={"sentences": sentences, "test_sentences": test_sentences, "voices": voices,
                         "quantizer": quantizer, "codebook": codebook, "codec_sentences": n_codec,
                         **({"tokenizer_steps": tokenizer_steps, "fsq_levels": codec_cfg.fsq_levels,
                             "fsq_dims": codec_cfg.fsq_dims, "fsq_channels": codec_cfg.fsq_channels}
                            if codec.is_fsq else {"kmeans_iters": KMEANS_ITERS, "kmeans_frames": KMEANS_FRAMES,
                                                  "decoder_steps": decoder_steps}),
-                        "cycles": cycles,
+                        "warm_start": teacher_params.get("warm_start"), "cycles": cycles,
                         "batch_size": batch_size, "hidden": hidden, "layers": config.num_layers,
                         "weight_decay": base.weight_decay, "adam_betas": [0.9, 0.98], "grad_clip": 1.0,
                         "concat_prob": base.concat_prob, "speech_input_noise": speech_input_noise,

@@ -94,3 +94,46 @@ def test_bad_cycles_is_one_line_and_exit_2(tmp_path, capsys, cycles):
     assert code == 2
     assert len(err.splitlines()) == 1 and "--cycles" in err and "BUDGET:PEAK_LR:WARMUP" in err, err
     assert not (tmp_path / "work").exists()  # refused before any work
+
+
+@needs_espeak
+def test_build_mini_warm_start_from_another_codecs_teacher(tmp_path):
+    """--warm-start: a toy FSQ teacher starts from a toy k-means teacher (same corpus, another codec); with a
+    learning rate of 1e-9 the built teacher still holds the donor's transformer, and its speech tables are
+    convex mixtures of the donor's code rows."""
+    import torch
+    import typer
+    from typer.testing import CliRunner
+
+    from mamtra_cli.models.speech_lm import load_model_dir
+    from mamtra_cli.stages.build_mini import build_mini
+
+    app = typer.Typer()
+    app.command()(build_mini)
+    work = tmp_path / "work"
+    common = ["--work", str(work), "--toy", "--threads", "1", "--codec-sentences", "40"]
+    donor = tmp_path / "kmeans"
+    result = CliRunner().invoke(app, ["--out", str(donor), *common, "--quantizer", "kmeans", "--cycles", "4:2e-3:1"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "fsq"
+    result = CliRunner().invoke(app, ["--out", str(out), *common, "--quantizer", "fsq", "--warm-start", str(donor),
+                                      "--cycles", "2:1e-9:0"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    warm = manifest["parameters"]["warm_start"]
+    assert warm["map_utterances"] == 40 and len(warm["model_sha256"]) == 64  # 80 sentences - 40 codec ones
+    assert manifest["inputs"]["warm_start"]["path"] == str(donor)
+    old, new = load_model_dir(donor), load_model_dir(out)
+    assert new.config.speech_token_size == 81 and old.config.speech_token_size == 64
+    ref, got = old.state_dict(), new.state_dict()
+    for key in ref:
+        if not key.startswith(("speech_embedding", "llm_decoder")):
+            torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=0, msg=key)
+    rows, old_rows = got["speech_embedding.weight"][:81], ref["speech_embedding.weight"][:64]
+    assert (rows <= old_rows.max(0).values + 1e-5).all() and (rows >= old_rows.min(0).values - 1e-5).all()
+    # special rows copied
+    torch.testing.assert_close(got["llm_decoder.weight"][81:], ref["llm_decoder.weight"][64:], atol=1e-6, rtol=0)
+
+    bad = CliRunner().invoke(app, ["--out", str(tmp_path / "x"), *common, "--quantizer", "fsq",
+                                   "--warm-start", str(tmp_path)])
+    assert bad.exit_code != 0 and "not a mini voice directory" in str(bad.exception or bad.output)
