@@ -76,12 +76,12 @@ def read_texts(path: Path) -> tuple[list[str], str]:
 def mini_family(spec: str | Path):
     """(model dir, CharTokenizer, speech tokenizer description) of a mini-family teacher, else a UserError."""
     from mamtra_cli import checkpoints
-    from mamtra_cli.mini import BUILTIN_DIR
+    from mamtra_cli.mini import BUILTIN_DIR, mini_dir
     from mamtra_cli.mini.backend import MiniBackend
     from mamtra_cli.mini.codec import CODEC_CONFIG, MiniCodec
     from mamtra_cli.mini.text import VOCAB_FILE, CharTokenizer
 
-    model_dir = BUILTIN_DIR if str(spec) == "mini" else Path(spec)
+    model_dir = mini_dir(spec)
     codec_dir = model_dir if (model_dir / CODEC_CONFIG).is_file() else BUILTIN_DIR
     if not (model_dir.is_dir() and checkpoints.is_model_dir(model_dir)
             and MiniBackend.accepts(model_dir, codec_dir)):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from mamtra_cli.mini.build import DEFAULT_CYCLES, TOY_CYCLES
+from mamtra_cli.mini.build import DEFAULT_CYCLES, TOY_CYCLES, WARM_MAP_UTTERANCES
 
 
 def build_mini(
@@ -38,8 +38,9 @@ def build_mini(
     warm_start: str = typer.Option(None, "--warm-start", help="Start the teacher from a trained mini teacher on "
                                    "another codec (`mini` or a build-mini output of the same size): its "
                                    "transformer and text tables copied, its speech-code tables mapped through "
-                                   "the two codecs' code co-occurrence on 2000 training utterances. How the FSQ "
-                                   "voice is built (see the README); much faster than a cold start."),
+                                   f"the two codecs' code co-occurrence on {WARM_MAP_UTTERANCES} training "
+                                   "utterances. How the FSQ voice is built (see the README); much faster than a "
+                                   "cold start."),
     codec_sentences: int = typer.Option(3000, "--codec-sentences",
                                         help="Fit the codebook and the decoder on the first N training "
                                         "utterances (0 = all); every utterance is tokenised."),

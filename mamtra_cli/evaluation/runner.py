@@ -156,10 +156,10 @@ def _dir_fingerprint(path: Path) -> str:
 
 
 def _fingerprint(system: System) -> dict:
-    from mamtra_cli.mini import BUILTIN_DIR
+    from mamtra_cli.mini import BUILTIN_DIR, mini_dir
 
     if system.kind == "model":
-        src = BUILTIN_DIR if system.source == "mini" else Path(system.source)
+        src = mini_dir(system.source)
         fp = {"model": system.source, "sha256": _dir_fingerprint(src) if src.exists() else None}
         if system.assets is not None:
             fp["assets"] = str(system.assets)

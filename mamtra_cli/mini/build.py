@@ -46,6 +46,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 # The k-means voice (the warm start of the shipped one): 26.5 minutes at peak lr 2.5e-3 (150 warm-up steps),
@@ -313,6 +314,27 @@ def teacher_phase(model, train_utts, val_utts, cycles: list[Cycle], base, ckpt_d
     return records
 
 
+def warm_start_phase(model, codec, donor_dir: Path, donor_codec, corpus_dir: Path, map_items, val_utts) -> None:
+    """Cycle 1's starting weights with --warm-start: count the two codecs' codes on the features of `map_items`,
+    then fill `model` from the donor teacher through that map (`mamtra_cli.mini.warm_start`)."""
+    import soundfile as sf
+
+    from mamtra_cli.mini.train import evaluate_loss
+    from mamtra_cli.mini.warm_start import code_cooccurrence, warm_start
+
+    def mels():
+        for it in map_items:
+            wav, sr = sf.read(str(corpus_dir / it.wav), dtype="float32")
+            yield codec.features(wav, sr)[0]
+
+    _log(f"warm start from {donor_dir}: mapping codes on {len(map_items)} utterances")
+    counts = code_cooccurrence(codec, donor_codec, mels(), log=_log)
+    warm_start(model, donor_dir, counts)
+    seen = int((counts.sum(1) > 0).sum())
+    _log(f"warm start: {seen} of {codec.cfg.codebook_size} codes seen; validation loss "
+         f"{evaluate_loss(model, val_utts)['loss']:.3f} before training")  # (evaluate_loss leaves it in train mode)
+
+
 def build_mini(out: Path, work: Path = Path("/tmp/mini_build/work"), sentences: int = 20000, test_sentences: int = 120,
                voices: int = 8, codebook: int = 0, codec_sentences: int = 3000, decoder_steps: int = 1000,
                quantizer: str = "kmeans", fsq_dims: int = 8, tokenizer_steps: int = 7000,
@@ -336,7 +358,7 @@ def build_mini(out: Path, work: Path = Path("/tmp/mini_build/work"), sentences: 
     from mamtra_cli.mini import corpus as corpus_mod
     from mamtra_cli.mini.codec import CodecConfig, MiniCodec
     from mamtra_cli.mini.text import CharTokenizer
-    from mamtra_cli.mini.train import TrainSettings, evaluate_loss, mini_model_config
+    from mamtra_cli.mini.train import TrainSettings, mini_model_config
     from mamtra_cli.models.speech_lm import SpeechLM
 
     if phase not in ("all", "codec", "teacher"):
@@ -374,24 +396,19 @@ def build_mini(out: Path, work: Path = Path("/tmp/mini_build/work"), sentences: 
     elif codebook < 0 or codebook == 1:
         raise UserError(f"--codebook must be 2 or more (or 0 for the default 512), not {codebook}.")
     codebook = codec_cfg.codebook_size
+    tok = CharTokenizer()
+    config = mini_model_config(tok.vocab_size, codebook, hidden=hidden, heads=hidden // 32)
     donor_dir = donor_codec = None
-    if warm_start is not None:
-        from mamtra_cli.mini import BUILTIN_DIR
-        from mamtra_cli.mini.warm_start import check_same_frames
+    if warm_start is not None:  # checked now, not after hours of rendering and training
+        from mamtra_cli.mini.warm_start import resolve_donor
 
-        donor_dir = BUILTIN_DIR if str(warm_start) == "mini" else Path(warm_start)
-        if not (donor_dir / "codec.yaml").is_file() or not (donor_dir / "model.safetensors").is_file():
-            raise UserError(f"--warm-start {warm_start}: not a mini voice directory (no codec.yaml and "
-                            "model.safetensors there); pass `mini` or a `mamtra build-mini` output.")
-        donor_codec = MiniCodec.load(donor_dir)
-        check_same_frames(MiniCodec(codec_cfg), donor_codec, f"--warm-start {warm_start}")
+        donor_dir, donor_codec = resolve_donor(warm_start, config, MiniCodec(codec_cfg))
     if phase == "all":
         checkpoints.check_output_dir(out, force)
     from mamtra_cli.cli import apply_threads
 
     with torch.device("meta"):  # only counted, to choose the thread count (the rule of `apply_threads`)
-        n_params = sum(p.numel() for p in SpeechLM(mini_model_config(
-            CharTokenizer().vocab_size, codebook, hidden=hidden, heads=hidden // 32)).parameters())
+        n_params = sum(p.numel() for p in SpeechLM(config).parameters())
     threads = apply_threads(threads, n_params)
     _log(f"{threads} CPU thread(s)")
     t0 = time.time()
@@ -455,12 +472,10 @@ def build_mini(out: Path, work: Path = Path("/tmp/mini_build/work"), sentences: 
 
     # 5. teacher
     t = time.time()
-    tok = CharTokenizer()
     data_header, train_utts = read_manifest(work / "data" / "train.jsonl", tok.vocab_size, codebook)
     # The first 100 utterances (fewer for a small corpus) are the validation set, as for the shipped voice.
     n_val = max(8, min(100, len(train_utts) // 30))
     val_utts, train_utts = train_utts[:n_val], train_utts[n_val:]
-    config = mini_model_config(tok.vocab_size, codebook, hidden=hidden, heads=hidden // 32)
     torch.manual_seed(seed)
     model = SpeechLM(config)
     base = TrainSettings(batch_size=batch_size, weight_decay=TEACHER_WEIGHT_DECAY, eval_every=5 if toy else 150,
@@ -474,26 +489,8 @@ def build_mini(out: Path, work: Path = Path("/tmp/mini_build/work"), sentences: 
         map_items = train_items[n_codec:n_codec + WARM_MAP_UTTERANCES] or train_items[:WARM_MAP_UTTERANCES]
         teacher_params["warm_start"] = {"model_sha256": _file_sha(donor_dir / "model.safetensors"),
                                         "codec": donor_codec.fingerprint(), "map_utterances": len(map_items)}
-
-        def warm_init(m):
-            import soundfile as sf
-
-            from mamtra_cli.mini.warm_start import code_cooccurrence, warm_start as start
-
-            def mels():
-                for it in map_items:
-                    wav, sr = sf.read(str(corpus_dir / it.wav), dtype="float32")
-                    yield codec.features(wav, sr)[0]
-
-            _log(f"warm start from {donor_dir}: mapping codes on {len(map_items)} utterances")
-            counts = code_cooccurrence(codec, donor_codec, mels(), log=_log)
-            start(m, donor_dir, donor_codec, counts)
-            seen = int((counts.sum(1) > 0).sum())
-            _log(f"warm start: {seen} of {codebook} codes seen; validation loss "
-                 f"{evaluate_loss(m, val_utts)['loss']:.3f} before training")
-            m.train()
-
-        init = warm_init
+        init = partial(warm_start_phase, codec=codec, donor_dir=donor_dir, donor_codec=donor_codec,
+                       corpus_dir=corpus_dir, map_items=map_items, val_utts=val_utts)
     ckpt_dir = work / "teacher"
     ckpt_dir.mkdir(exist_ok=True)
     _log(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "

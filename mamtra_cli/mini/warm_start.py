@@ -20,8 +20,12 @@ steps and 2.44 after 785 steps / 20 minutes, where the cold start was at 5.34 af
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from mamtra_cli.mini.codec import MiniCodec
 
 # Fields that must agree for two codecs' tokens to sit on the same frames.
 _FRAME_FIELDS = ("sample_rate", "n_fft", "hop_length", "n_mels", "f_min", "f_max", "frames_per_token")
@@ -73,24 +77,41 @@ def mapped_state(old_state: dict, counts: torch.Tensor) -> dict[str, torch.Tenso
     return out
 
 
-def warm_start(model, donor_dir: Path, donor_codec, counts: torch.Tensor) -> None:
-    """Fill `model` (a fresh SpeechLM on the new codec) from the teacher in `donor_dir` (its codec
-    `donor_codec`): everything but the speech tables copied, those mapped by `mapped_state`. UserError if the
-    donor's sizes other than the speech vocabulary differ."""
+def resolve_donor(spec, config, codec) -> tuple[Path, "MiniCodec"]:
+    """`--warm-start` `spec` (`mini` or a mini voice directory) → (its directory, its codec), checked before any
+    work against the teacher to build (`config`, a ModelConfig) and its codec: same shape but for the speech
+    vocabulary, same feature frames, and an LM that matches its own codec. UserError (one sentence) if not."""
+    from mamtra_cli.checkpoints import CONFIG_FILE, WEIGHTS_FILE
     from mamtra_cli.errors import UserError
-    from mamtra_cli.models.speech_lm import load_model_dir
+    from mamtra_cli.mini import mini_dir
+    from mamtra_cli.mini.codec import CODEC_CONFIG, MiniCodec
+    from mamtra_cli.models.config import ModelConfig
 
-    donor = load_model_dir(donor_dir)
-    mine, theirs = model.config, donor.config
+    donor_dir = mini_dir(spec)
+    if not all((donor_dir / name).is_file() for name in (CODEC_CONFIG, CONFIG_FILE, WEIGHTS_FILE)):
+        raise UserError(f"--warm-start {spec}: not a mini voice directory (no {CODEC_CONFIG}, {CONFIG_FILE} and "
+                        f"{WEIGHTS_FILE} there); pass `mini` or a `mamtra build-mini` output.")
+    donor_codec = MiniCodec.load(donor_dir)
+    check_same_frames(codec, donor_codec, f"--warm-start {spec}")
+    theirs = ModelConfig.load(donor_dir / CONFIG_FILE)
     for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                   "text_vocab_size", "layer_types"):
-        if getattr(mine, field) != getattr(theirs, field):
-            raise UserError(f"--warm-start {donor_dir}: its {field} is {getattr(theirs, field)}, the teacher "
-                            f"being built has {getattr(mine, field)}; warm-start from a teacher of the same shape "
+        if getattr(config, field) != getattr(theirs, field):
+            raise UserError(f"--warm-start {spec}: its {field} is {getattr(theirs, field)}, the teacher being "
+                            f"built has {getattr(config, field)}; warm-start from a teacher of the same shape "
                             "(or leave --warm-start out).")
     if theirs.speech_token_size != donor_codec.cfg.codebook_size:
-        raise UserError(f"--warm-start {donor_dir}: its LM has {theirs.speech_token_size} speech codes but its "
-                        f"codec {donor_codec.cfg.codebook_size}; the directory is inconsistent.")
-    state = donor.state_dict()
+        raise UserError(f"--warm-start {spec}: its LM has {theirs.speech_token_size} speech codes but its codec "
+                        f"{donor_codec.cfg.codebook_size}; the directory is inconsistent.")
+    return donor_dir, donor_codec
+
+
+def warm_start(model, donor_dir: Path, counts: torch.Tensor) -> None:
+    """Fill `model` (a fresh SpeechLM on the new codec) from the teacher in `donor_dir` (checked by
+    `resolve_donor`): everything but the speech tables copied, those mapped by `mapped_state` through `counts`
+    (V_new, V_donor)."""
+    from mamtra_cli.models.speech_lm import load_model_dir
+
+    state = load_model_dir(donor_dir).state_dict()
     state.update(mapped_state(state, counts))
     model.load_state_dict(state, strict=True)

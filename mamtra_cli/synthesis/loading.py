@@ -25,17 +25,17 @@ def check_model_exists(model: Optional[str]) -> None:
 def uses_mini_backend(model: Optional[str], assets: Optional[Path]) -> bool:
     """True if --model / --assets choose the mini backend (CPU only), decided from the files alone, without
     loading any weights; the same decision as `resolve_backend`."""
-    from mamtra_cli.mini import BUILTIN_DIR
+    from mamtra_cli.mini import mini_dir
 
     if model is None or model == "mini":
         return True
     path = Path(model)
-    mini_dir = path if assets is None else (BUILTIN_DIR if str(assets) == "mini" else Path(assets))
-    if not (path.is_dir() and (mini_dir / "codec.yaml").is_file()):
+    codec_dir = path if assets is None else mini_dir(assets)
+    if not (path.is_dir() and (codec_dir / "codec.yaml").is_file()):
         return False
     from mamtra_cli.mini.backend import MiniBackend
 
-    return MiniBackend.accepts(path, mini_dir)
+    return MiniBackend.accepts(path, codec_dir)
 
 
 def synthesis_device(model: Optional[str], assets: Optional[Path], device: str = "auto") -> str:
@@ -138,7 +138,7 @@ def _check_cpu_only(device: str) -> None:
 def default_reference(model: Optional[str], assets: Optional[Path]) -> Optional[tuple[Path, Optional[str]]]:
     """(wav, transcript) of the sample voice that ships with a mini voice: the built-in one when no --model
     is given, else the mini dir/bundle of --model or --assets. None when there is none (CosyVoice 2)."""
-    from mamtra_cli.mini import BUILTIN_DIR
+    from mamtra_cli.mini import BUILTIN_DIR, mini_dir
 
     check_model_exists(model)
     candidates = []
@@ -147,7 +147,7 @@ def default_reference(model: Optional[str], assets: Optional[Path]) -> Optional[
     else:
         candidates.append(Path(model))
         if assets is not None:
-            candidates.append(BUILTIN_DIR if str(assets) == "mini" else Path(assets))
+            candidates.append(mini_dir(assets))
     for d in candidates:
         wav = d / "sample_voice.wav"
         if wav.is_file() and (d / "codec.yaml").is_file():

@@ -7,7 +7,8 @@ import torch
 
 from mamtra_cli.mini.codec import CodecConfig, MiniCodec
 from mamtra_cli.mini.train import mini_model_config
-from mamtra_cli.mini.warm_start import check_same_frames, code_cooccurrence, mapped_state, warm_start
+from mamtra_cli.mini.warm_start import (check_same_frames, code_cooccurrence, mapped_state, resolve_donor,
+                                        warm_start)
 from mamtra_cli.models.speech_lm import SpeechLM
 
 
@@ -46,15 +47,25 @@ def test_mapped_state_mixes_code_rows_by_cooccurrence_and_copies_special_rows():
     torch.testing.assert_close(b[2], old["llm_decoder.bias"][:v_old].mean() + math.log(prior[2] * 3))
 
 
+def _save_codec(path, codebook_size):
+    from mamtra_cli.mini.codec import CodecDecoder
+
+    cfg = CodecConfig(codebook_size=codebook_size)
+    MiniCodec(cfg, torch.randn(codebook_size, 2 * cfg.n_mels), CodecDecoder(cfg)).save(path)
+
+
 def test_warm_start_copies_the_backbone_and_refuses_another_shape(tmp_path):
     from mamtra_cli.errors import UserError
 
     donor = _save_teacher(tmp_path / "donor", speech_vocab=8)
-    donor_codec = MiniCodec(CodecConfig(codebook_size=8))
+    _save_codec(tmp_path / "donor", 8)
     counts = torch.rand(5, 8, dtype=torch.float64)
     torch.manual_seed(1)
     model = SpeechLM(mini_model_config(49, 5, hidden=32, layers=2, heads=1, kv_heads=1))
-    warm_start(model, tmp_path / "donor", donor_codec, counts)
+    new_codec = MiniCodec(CodecConfig(codebook_size=5))
+    donor_dir, donor_codec = resolve_donor(tmp_path / "donor", model.config, new_codec)
+    assert donor_dir == tmp_path / "donor" and donor_codec.cfg.codebook_size == 8
+    warm_start(model, donor_dir, counts)
     got, ref = model.state_dict(), donor.state_dict()
     for key, value in ref.items():
         if key.startswith(("speech_embedding", "llm_decoder")):
@@ -64,11 +75,14 @@ def test_warm_start_copies_the_backbone_and_refuses_another_shape(tmp_path):
     torch.testing.assert_close(got["speech_embedding.weight"][:5],
                                (counts / counts.sum(1, keepdim=True)).float() @ ref["speech_embedding.weight"][:8])
 
-    other = SpeechLM(mini_model_config(49, 5, hidden=64, layers=2, heads=2, kv_heads=1))
+    other = mini_model_config(49, 5, hidden=64, layers=2, heads=2, kv_heads=1)
     with pytest.raises(UserError, match="hidden_size is 32"):
-        warm_start(other, tmp_path / "donor", donor_codec, counts)
+        resolve_donor(tmp_path / "donor", other, new_codec)
+    _save_codec(tmp_path / "donor", 9)
     with pytest.raises(UserError, match="inconsistent"):
-        warm_start(model, tmp_path / "donor", MiniCodec(CodecConfig(codebook_size=9)), counts)
+        resolve_donor(tmp_path / "donor", model.config, new_codec)
+    with pytest.raises(UserError, match="not a mini voice directory"):
+        resolve_donor(tmp_path, model.config, new_codec)
 
 
 def test_cooccurrence_counts_aligned_codes_and_frame_settings_must_match():
