@@ -5,8 +5,8 @@
     tts.save("Hello, how are you doing today?", "hello.wav")        # its sample voice speaks
 
 Synthesis. `load(model=None, assets=None, device="auto", lm_dtype="auto", max_tokens=None, threads=0,
-decode="auto")` loads what `mamtra synth --model MODEL --assets ASSETS` would (`mini`, a bundle, a mini voice or
-hybrid dir with `assets`, a CosyVoice 2 dir; `decode`: the LM's decode path, auto = a CUDA graph on a GPU, the
+decode="auto")` loads what `mamtra synth --model MODEL --assets ASSETS` would (`mini`, a shipped hybrid such as
+`mini-1-1`, a bundle, a mini voice or hybrid dir with `assets`, a CosyVoice 2 dir; `decode`: the LM's decode path, auto = a CUDA graph on a GPU, the
 dynamic cache on a CPU) and returns a `Synthesizer`:
     synthesize(text, ref=None, ref_text=None, *, seed=0) → (float32 array (samples,), sample_rate)
     stream(text, ref=None, ref_text=None, *, seed=0)     → iterator of float32 chunks (CosyVoice 2 streaming)

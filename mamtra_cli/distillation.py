@@ -1046,8 +1046,9 @@ def distill(teacher: str | Path, student: Path, data: Path | list[Path], out: Pa
             eval_every: int = 500, keep_checkpoints: int = 0, stages: str | None = None, select: str | None = None,
             patience: int = 0, min_delta: float = 0.0, resume: bool = False, threads: int | None = None,
             force: bool = False, *, console=None) -> dict | None:
-    """`mamtra distill`: distil `student` (a model dir from `transfer`, or a distill output/checkpoint) from
-    `teacher` (`mini`, a CosyVoice 2 dir or a MamTra model dir) on the data manifest `data` (one path, or a list
+    """`mamtra distill`: distil `student` (a model dir from `transfer`, a distill output/checkpoint, or a built-in
+    name: `mini` or a shipped hybrid such as `mini-1-1`) from `teacher` (`mini`, a shipped hybrid, a CosyVoice 2
+    dir or a MamTra model dir) on the data manifest `data` (one path, or a list
     of manifests made with the same tokenizers, e.g. real + pseudo-labelled, concatenated), with validation CE
     on `val`, into the model directory `out` (run state in OUT.partial/, see the module docstring; `resume`
     continues it). The keyword arguments are the options of `mamtra distill` (its --help explains each):
@@ -1066,6 +1067,7 @@ def distill(teacher: str | Path, student: Path, data: Path | list[Path], out: Pa
     from mamtra_cli import checkpoints
     from mamtra_cli.cli import apply_threads, check_threads, count_parameters, stderr_console
     from mamtra_cli.data_manifest import check_same_tokenizers, read_manifest
+    from mamtra_cli.mini import is_builtin, mini_dir
     from mamtra_cli.models.speech_lm import load_model_dir
     from mamtra_cli.scoring import check_utterance_lengths
     from mamtra_cli.teachers import load_teacher
@@ -1073,7 +1075,7 @@ def distill(teacher: str | Path, student: Path, data: Path | list[Path], out: Pa
     env = dist_env_from_environ()
     console = console or stderr_console(quiet=not env.is_main)
     check_threads(threads)
-    teacher, student, out = str(teacher), Path(student), Path(out)
+    teacher, student_spec, out = str(teacher), str(student), Path(out)
     datas = [Path(d) for d in ([data] if isinstance(data, (str, Path)) else data)]
     val = None if val is None else Path(val)
 
@@ -1115,7 +1117,9 @@ def distill(teacher: str | Path, student: Path, data: Path | list[Path], out: Pa
             print(f"mamtra distill: warning: {warning}", file=sys.stderr)
     checkpoints.check_output_dir(out, force)
     partial = partial_dir(out)
-    run_inputs = {"teacher": str(Path(teacher).resolve()), "student": str(student.resolve()),
+    # A built-in student is recorded by name: its materialised directory lives in a cache that may move.
+    run_inputs = {"teacher": str(Path(teacher).resolve()),
+                  "student": student_spec if is_builtin(student_spec) else str(Path(student_spec).resolve()),
                   # one manifest stays a string: the run.json of runs from before --data was repeatable
                   "data": str(resolved[0]) if len(resolved) == 1 else [str(d) for d in resolved]}
     resume_from = None
@@ -1130,13 +1134,14 @@ def distill(teacher: str | Path, student: Path, data: Path | list[Path], out: Pa
         raise UserError(f"A partial run exists in {partial}; pass --resume to continue it or --force to "
                         "discard it and start over.")
 
+    student = mini_dir(student_spec)  # a shipped hybrid's name → its materialised model directory
     checkpoints.check_model_dir(student)
     with console.status("loading teacher and student"):
         teacher_lm, teacher_info = load_teacher(teacher)
         student_lm = load_model_dir(student)
-    checkpoints.check_finite_weights(student_lm, f"Student {student}")
+    checkpoints.check_finite_weights(student_lm, f"Student {student_spec}")
     n_threads = apply_threads(threads, count_parameters(teacher_lm, student_lm))
-    check_pair(teacher_lm, student_lm, str(teacher), str(student))
+    check_pair(teacher_lm, student_lm, str(teacher), student_spec)
     scfg = student_lm.config
     headers, train_utts, data_inputs = [], [], []
     for d in datas:
@@ -1214,7 +1219,8 @@ def distill(teacher: str | Path, student: Path, data: Path | list[Path], out: Pa
                       f"({selected['val_ce']:.4f}; last step {final_val.get('val_ce', float('nan')):.4f}), so "
                       f"{out} holds it unchanged; try a lower --lr, fewer steps or more data.", file=sys.stderr)
             inputs = {"teacher": teacher_info,
-                      "student": {"path": str(student.resolve()),
+                      "student": {**({"name": student_spec} if is_builtin(student_spec) else {}),
+                                  "path": str(student.resolve()),
                                   "weights": checkpoints.file_fingerprint(student / checkpoints.WEIGHTS_FILE,
                                                                           limit_bytes=64 * 1024 * 1024),
                                   "manifest_stage": checkpoints.read_manifest(student).get("stage")},

@@ -130,10 +130,10 @@ class _Progress:
 def pseudo_label(teacher: str | Path, texts: str | Path, count: int, out: Path, batch_size: int = 32,
                  max_tokens: int | None = None, keep_capped: bool = False, seed: int = 0,
                  threads: int | None = None, force: bool = False, *, console=None) -> dict:
-    """`mamtra pseudo-label`: sample `count` utterances of speech tokens from `teacher` (`mini` or a model dir
-    of the mini family) for the texts of `texts` (a file, one text a line, or `mini-grammar`) and write
-    OUT/data.jsonl (a data manifest whose header names the teacher's text and speech tokenizers) and
-    OUT/manifest.json (provenance). Returns what `--json` prints."""
+    """`mamtra pseudo-label`: sample `count` utterances of speech tokens from `teacher` (`mini`, a shipped
+    hybrid such as `mini-1-1`, or a model dir of the mini family) for the texts of `texts` (a file, one text
+    a line, or `mini-grammar`) and write OUT/data.jsonl (a data manifest whose header names the teacher's
+    text and speech tokenizers) and OUT/manifest.json (provenance). Returns what `--json` prints."""
     import torch
 
     from mamtra_cli import checkpoints

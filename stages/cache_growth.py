@@ -13,7 +13,7 @@ from mamtra_cli.cli import THREADS_HELP
 
 
 def cache_growth(
-    model: Optional[List[str]] = typer.Option(None, "--model", help="Model to profile (repeatable): MamTra or CosyVoice 2 dir, llm.pt."),
+    model: Optional[List[str]] = typer.Option(None, "--model", help="Model to profile (repeatable): `mini`, a shipped hybrid (`mini-1-1`, `mini-1-3`, `mini-1-5`, `mini-1-11`), MamTra or CosyVoice 2 dir, llm.pt."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Build random-weight models of this arch profile (e.g. cosyvoice2-0.5b) or YAML path."),
     ratio: str = typer.Option("1:1,1:3,1:5,1:11", "--ratio", help="With --arch: hybrids to build besides the teacher (uniform placement)."),
     lengths: str = typer.Option("128,512,1024,2048,4096,8192", "--lengths", help="Sequence lengths (tokens) at which to read the cache."),

@@ -25,8 +25,8 @@ from mamtra_cli.cli import THREADS_HELP
 
 
 def distill(
-    teacher: str = typer.Option(..., "--teacher", help="Teacher: CosyVoice 2 model dir or MamTra model dir."),
-    student: Path = typer.Option(..., "--student", help="Student model dir (from `transfer`, or a distill output/checkpoint)."),
+    teacher: str = typer.Option(..., "--teacher", help="Teacher: `mini`, a shipped hybrid (`mini-1-1`, `mini-1-3`, `mini-1-5`, `mini-1-11`), CosyVoice 2 model dir or MamTra model dir."),
+    student: Path = typer.Option(..., "--student", help="Student model dir (from `transfer`, or a distill output/checkpoint), or a shipped hybrid such as `mini-1-1`."),
     data: List[Path] = typer.Option(..., "--data", help="Training data manifest (JSONL file or directory of shards); repeat it to train on several (e.g. real + pseudo-labelled), which must share their tokenizers."),
     out: Path = typer.Option(..., "--out", help="Output model directory."),
     val: Optional[Path] = typer.Option(None, "--val", help="Validation manifest: CE (as `mamtra score`) at step 0, every --eval-every steps and at the end."),

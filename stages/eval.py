@@ -23,7 +23,7 @@ def eval_(
     list_spec: str = typer.Option(..., "--list", help="A Seed-TTS-eval list (utt|prompt_text|prompt_wav|text[|gt_wav]) "
                                   "or a built-in one: mini-heldout."),
     model: list[str] = typer.Option([], "--model", help="[NAME=]MODEL to synthesise with (as `mamtra synth --model`: "
-                                    "mini, a bundle, a mini voice or hybrid dir). Repeatable."),
+                                    "mini, a shipped hybrid mini-1-1/mini-1-3/mini-1-5/mini-1-11, a bundle, a mini voice or hybrid dir). Repeatable."),
     wavs: list[str] = typer.Option([], "--wavs", help="[NAME=]DIR of existing audio, UTT.wav per row. Repeatable."),
     assets: Optional[Path] = typer.Option(None, "--assets", help="Assets for models that are not self-contained "
                                           "(`mini` or a CosyVoice 2 dir), as `mamtra synth --assets`."),

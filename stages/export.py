@@ -12,8 +12,8 @@ from mamtra_cli.cli import THREADS_HELP
 
 
 def export(
-    model: str = typer.Option(..., "--model", help="Speech LM: a MamTra model dir (transfer/distill output), "
-                              "a CosyVoice 2 dir or its llm.pt."),
+    model: str = typer.Option(..., "--model", help="Speech LM: `mini`, a shipped hybrid (`mini-1-1`, `mini-1-3`, `mini-1-5`, `mini-1-11`), a MamTra model dir "
+                              "(transfer/distill output), a CosyVoice 2 dir or its llm.pt."),
     assets: Optional[Path] = typer.Option(None, "--assets", help="CosyVoice 2 model dir with flow.pt, hift.pt, "
                                           "campplus.onnx, speech_tokenizer_v2.onnx, CosyVoice-BlankEN/ "
                                           "(default: --model, when it is such a directory)."),

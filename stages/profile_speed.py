@@ -14,7 +14,7 @@ from mamtra_cli.models.decode_mode import DECODE_HELP
 
 
 def profile_speed(
-    model: Optional[List[str]] = typer.Option(None, "--model", help="Model to profile (repeatable): MamTra or CosyVoice 2 dir, llm.pt."),
+    model: Optional[List[str]] = typer.Option(None, "--model", help="Model to profile (repeatable): `mini`, a shipped hybrid (`mini-1-1`, `mini-1-3`, `mini-1-5`, `mini-1-11`), MamTra or CosyVoice 2 dir, llm.pt."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Build random-weight models of this arch profile (e.g. cosyvoice2-0.5b) or YAML path."),
     ratio: str = typer.Option("1:1,1:3,1:5,1:11", "--ratio", help="With --arch: hybrids to build besides the teacher."),
     batch: str = typer.Option("1,4", "--batch", help="Batch sizes (streams), comma-separated."),

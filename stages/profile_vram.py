@@ -14,7 +14,7 @@ from mamtra_cli.models.decode_mode import DECODE_HELP
 
 def profile_vram(
     gpu: str = typer.Option("a6000", "--gpu", help="GPU profile (profiles/gpu/*.yaml, or a YAML path) to plan for."),
-    model: Optional[List[str]] = typer.Option(None, "--model", help="Model to profile (repeatable): MamTra or CosyVoice 2 dir, llm.pt."),
+    model: Optional[List[str]] = typer.Option(None, "--model", help="Model to profile (repeatable): `mini`, a shipped hybrid (`mini-1-1`, `mini-1-3`, `mini-1-5`, `mini-1-11`), MamTra or CosyVoice 2 dir, llm.pt."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Build random-weight models of this arch profile (e.g. cosyvoice2-0.5b) or YAML path."),
     ratio: str = typer.Option("1:1,1:3,1:5,1:11", "--ratio", help="With --arch: hybrids to build besides the teacher."),
     eval_list: Optional[Path] = typer.Option(None, "--eval-list", help="Seed-TTS eval list (utt|prompt_text|prompt_wav|text): profile its longest and median utterance."),
@@ -30,7 +30,7 @@ def profile_vram(
     out: Optional[Path] = typer.Option(None, "--out", help="Directory for vram.csv, vram.json and vram.png."),
     seed: int = typer.Option(0, "--seed", help="Seed of random weights and inputs."),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP + " Used by the worker processes."),
-    bundle: Optional[List[Path]] = typer.Option(None, "--bundle", help="Profile end-to-end synthesis of this bundle (`mamtra export`) or mini voice dir instead of the LM alone (repeatable)."),
+    bundle: Optional[List[Path]] = typer.Option(None, "--bundle", help="Profile end-to-end synthesis of this bundle (`mamtra export`) or mini voice dir (`mini`, `mini-1-1`, … too) instead of the LM alone (repeatable)."),
     text: str = typer.Option("Hello, how are you doing today? This is a longer sentence for profiling.", "--text", help="With --bundle: the text to synthesise."),
     ref: Optional[Path] = typer.Option(None, "--ref", help="With --bundle: the reference voice wav."),
     ref_text: Optional[str] = typer.Option(None, "--ref-text", help="With --bundle: the reference's transcript."),

@@ -12,7 +12,7 @@ from mamtra_cli.cli import THREADS_HELP
 
 
 def pseudo_label(
-    teacher: str = typer.Option(..., "--teacher", help="Teacher: `mini` or a model dir made from it (the mini family)."),
+    teacher: str = typer.Option(..., "--teacher", help="Teacher: `mini`, a shipped hybrid (`mini-1-1`, `mini-1-3`, `mini-1-5`, `mini-1-11`), or a model dir made from the mini (the mini family)."),
     texts: str = typer.Option(..., "--texts", help="Text file (one text a line, blank lines skipped) or "
                               "`mini-grammar` (new mini-grammar sentences, never the 120 held-out ones)."),
     count: int = typer.Option(..., "--count", help="Utterances to make (the text list is trimmed or cycled)."),

@@ -12,7 +12,7 @@ from mamtra_cli.cli import THREADS_HELP
 
 
 def score(
-    model: str = typer.Option(..., "--model", help="MamTra model dir, CosyVoice 2 model dir, or llm.pt (with --config-json)."),
+    model: str = typer.Option(..., "--model", help="`mini`, a shipped hybrid (`mini-1-1`, `mini-1-3`, `mini-1-5`, `mini-1-11`), MamTra model dir, CosyVoice 2 model dir, or llm.pt (with --config-json)."),
     data: Path = typer.Option(..., "--data", help="JSONL data manifest (file or directory of shards)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Utterances per forward pass."),
     config_json: Optional[Path] = typer.Option(None, "--config-json", help="Qwen2 config.json for a bare llm.pt."),

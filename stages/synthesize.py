@@ -48,8 +48,8 @@ def synth(
                                        "voice: its bundled sample voice, with its transcript)."),
     ref_text: Optional[str] = typer.Option(None, "--ref-text", help="Transcript of --ref (zero-shot); without it "
                                            "the reference gives only the voice (cross-lingual)."),
-    model: Optional[str] = typer.Option(None, "--model", help="A bundle (`mamtra export`), or an LM (MamTra model "
-                                        "dir / CosyVoice 2 dir) with --assets."),
+    model: Optional[str] = typer.Option(None, "--model", help="`mini`, a shipped hybrid (`mini-1-1`, `mini-1-3`, `mini-1-5`, `mini-1-11`), a bundle (`mamtra export`), "
+                                        "or an LM (MamTra model dir / CosyVoice 2 dir) with --assets."),
     assets: Optional[Path] = typer.Option(None, "--assets", help="CosyVoice 2 model dir for flow, HiFT and front "
                                           "end when --model is not a bundle."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output wav (24 kHz with CosyVoice 2, 16 kHz with the "

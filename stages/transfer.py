@@ -12,7 +12,7 @@ from mamtra_cli.cli import THREADS_HELP
 
 
 def transfer(
-    teacher: str = typer.Option(..., "--teacher", help="CosyVoice 2 model dir, llm.pt (with --config-json), or MamTra model dir."),
+    teacher: str = typer.Option(..., "--teacher", help="`mini`, a shipped hybrid (`mini-1-1`, `mini-1-3`, `mini-1-5`, `mini-1-11`), CosyVoice 2 model dir, llm.pt (with --config-json), or MamTra model dir."),
     out: Path = typer.Option(..., "--out", help="Output model directory."),
     ratio: Optional[str] = typer.Option(None, "--ratio", help="attention:Mamba as 1:k (1:1, 1:3, 1:5, 1:11, …)."),
     profile: Optional[str] = typer.Option(None, "--profile", help="A layout profile (mamtra-1-1, mamtra-1-3, mamtra-1-5, mamtra-1-11) or a YAML path."),

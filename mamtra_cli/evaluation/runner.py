@@ -70,6 +70,7 @@ def parse_systems(models: list[str], wavs: list[str], ground_truth: bool | None,
     has one and, for a rendered one, espeak-ng is installed), the built-in codec's resynthesis (`codec`) and
     that of other mini codec directories (--codec [NAME=]DIR: codec.yaml + codec.safetensors, e.g. from
     `mamtra build-mini --phase codec`)."""
+    from mamtra_cli.mini import is_builtin
     from mamtra_cli.mini.corpus import espeak_path
 
     systems: list[System] = []
@@ -102,7 +103,7 @@ def parse_systems(models: list[str], wavs: list[str], ground_truth: bool | None,
                             "the codec folder of `mamtra build-mini`.")
         systems.append(System(name, "codec", value))
     for spec in models:
-        name, value = split(spec, lambda s: "mini" if s == "mini" else Path(s).name or s)
+        name, value = split(spec, lambda s: s if is_builtin(s) else Path(s).name or s)
         systems.append(System(name, "model", value, assets))
     for spec in wavs:
         name, value = split(spec, lambda s: Path(s).name or s)
@@ -501,6 +502,7 @@ def evaluate_list(list_spec: str | Path, out: Path, model: list[str] | str = (),
     from mamtra_cli.evaluation.asr import load_asr
     from mamtra_cli.evaluation.lists import load_eval_list
     from mamtra_cli.evaluation.speaker import load_speaker_model
+    from mamtra_cli.mini import is_builtin
 
     console = console or Console(stderr=True, soft_wrap=True)  # a log file gets whole lines, never hard-wrapped ones
     model = [model] if isinstance(model, (str, Path)) else [str(m) for m in model]
@@ -515,15 +517,15 @@ def evaluate_list(list_spec: str | Path, out: Path, model: list[str] | str = (),
         data_path = lst.data_manifest if data == lst.name and lst.data_manifest else Path(data)
         if not data_path.exists():
             raise UserError(f"--data {data} does not exist; pass a token manifest (JSONL) or the built-in list's name.")
-    if assets is not None and str(assets) != "mini" and not assets.is_dir():
+    if assets is not None and not is_builtin(assets) and not assets.is_dir():
         raise UserError(f"--assets {assets} is not a directory; pass mini or a CosyVoice 2 model directory.")
     codec = [codec] if isinstance(codec, (str, Path)) else [str(c) for c in codec]
     systems = parse_systems(model, wavs, ground_truth, codec_resynthesis, lst, assets, codec)
     check_system_inputs(lst, systems, limit or None)
     with console.status("loading the recogniser and the speaker model"):
         recogniser = load_asr(asr, threads=max(1, threads), batch_size=batch_size)
-        dirs = [Path(a) for a in [assets] if a is not None and str(a) != "mini"]
-        dirs += [Path(s.source) for s in systems if s.kind == "model" and s.source != "mini"]
+        dirs = [Path(a) for a in [assets] if a is not None and not is_builtin(a)]
+        dirs += [Path(s.source) for s in systems if s.kind == "model" and not is_builtin(s.source)]
         speaker = load_speaker_model(sim, threads=max(1, threads), candidates=dirs)
     n = min(limit, len(lst.items)) if limit else len(lst.items)
     sim_note = speaker.describe()["name"] if speaker else (

@@ -3,7 +3,8 @@ workloads that are measured, and how memory, time and bandwidth are measured and
 themselves, one module per command, each returning its `--json` result and formatting its table:
 `cache_growth`, `vram`, `speed`, `scan`; `__main__` is the CPU peak-memory worker.
 
-Models. `--model DIR …` takes anything `load_teacher` accepts. `--arch NAME --ratio 1:1,1:3` builds
+Models. `--model DIR …` takes anything `load_teacher` accepts (a built-in name such as `mini-1-1` is resolved
+to its directory here, so the worker processes read a path). `--arch NAME --ratio 1:1,1:3` builds
 architecture-identical models with random weights and nothing on disk: the teacher (all attention) from
 `profiles/arch/NAME.yaml` (or a YAML path) and one hybrid per ratio with `uniform` placement (the layouts
 of `profiles/layouts/`). Random init is cheap: modules are created on the meta device and materialised
@@ -136,12 +137,14 @@ def resolve_specs(models: list[str] | str | Path | None, arch: str | None, ratio
         raise UserError("Give either --model DIR (repeatable) or --arch NAME [--ratio 1:1,1:3,…], not both "
                         "and not neither.")
     if models:
+        from mamtra_cli.mini import is_builtin, mini_dir
+        from mamtra_cli.teachers import load_teacher
+
         specs = []
         for m in models:
-            from mamtra_cli.teachers import load_teacher
-
             model, _ = load_teacher(m)  # validates now; built again (in the right dtype) when measured
-            specs.append(ModelSpec(name=Path(m).name or str(m), config=model.config, source=str(m), path=str(m)))
+            path = str(mini_dir(m)) if is_builtin(m) else m
+            specs.append(ModelSpec(name=Path(m).name or str(m), config=model.config, source=str(m), path=path))
             del model
         return specs
     teacher = arch_config(arch)

@@ -293,6 +293,7 @@ def profile_vram(gpu: str = "a6000", model: list[str] | None = None, arch: str |
 def profile_bundles(bundles, text, ref, ref_text, max_tokens, card, device, seed, threads, out, console,
                     force: bool = False) -> dict:
     """End-to-end synthesis peak per bundle (the `synth` workload), and streams of it on the card."""
+    from mamtra_cli.mini import mini_dir
     from mamtra_cli.models.config import ModelConfig
     from mamtra_cli.synthesis.loading import uses_mini_backend
 
@@ -300,17 +301,19 @@ def profile_bundles(bundles, text, ref, ref_text, max_tokens, card, device, seed
         raise UserError("--bundle needs --ref: the reference voice wav to clone (an existing file).")
     rows, specs = [], []
     for b in bundles:
-        cfg_path = next((c for c in (Path(b) / "lm" / "config.yaml", Path(b) / "config.yaml") if c.is_file()), None)
+        path = mini_dir(b)  # `mini` and the shipped hybrids (`mini-1-1`, …) are mini voice directories too
+        cfg_path = next((c for c in (path / "lm" / "config.yaml", path / "config.yaml") if c.is_file()), None)
         if cfg_path is None:
             raise UserError(f"{b} is neither a bundle from `mamtra export` nor a mini voice directory "
                             "(no lm/config.yaml or config.yaml).")
-        spec = P.ModelSpec(name=Path(b).name, config=ModelConfig.load(cfg_path), source=str(b), path=str(b), seed=seed)
+        spec = P.ModelSpec(name=Path(b).name, config=ModelConfig.load(cfg_path), source=str(b), path=str(path),
+                           seed=seed)
         kwargs = {"text": text, "ref": str(Path(ref).resolve()), "ref_text": ref_text, "seed": seed,
                   "max_new_tokens": max_tokens}
         specs.append(spec)
         n_threads = P.apply_profile_threads(threads, [spec])  # per bundle: a mini voice gets 1
         # A mini voice runs only on the CPU: it is measured there even when the other bundles use the GPU.
-        bdev = "cpu" if uses_mini_backend(str(b), None) else device
+        bdev = "cpu" if uses_mini_backend(str(path), None) else device
         with console.status(f"{spec.name}: end-to-end synthesis on {bdev}"):
             m = P.measure_peak(spec, "synth", kwargs, device=bdev, threads=n_threads)
         free = card["memory_gib"] * 2**30 - m["weights_bytes"]

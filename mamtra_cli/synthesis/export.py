@@ -21,7 +21,8 @@ from typing import Optional
 
 def export(model: str | Path, out: Path, assets: Optional[Path] = None, dtype: str = "auto", flow_dtype: str = "fp32",
            threads: Optional[int] = None, force: bool = False, *, console=None) -> dict:
-    """Write the bundle `out` for the speech LM `model` (a MamTra model dir, a CosyVoice 2 dir or its llm.pt)
+    """Write the bundle `out` for the speech LM `model` (a MamTra model dir, a CosyVoice 2 dir or its llm.pt, or
+    a built-in name: `mini` or a shipped hybrid such as `mini-1-1`, which gives a mini bundle)
     with the flow, HiFT and front end of `assets` (a CosyVoice 2 dir; default `model` when it is one; `mini` or
     a mini voice dir for a model made from the mini voice). `dtype`: LM weights, bf16 | fp16 | fp32 | auto
     (bf16 for CosyVoice 2 bundles, fp32 for mini bundles). Returns the summary `mamtra export --json` prints.
@@ -130,15 +131,16 @@ def export(model: str | Path, out: Path, assets: Optional[Path] = None, dtype: s
 
 def _mini_assets(model: str, assets: Optional[Path]) -> Optional[Path]:
     """The mini voice directory whose codec and vocabulary the exported LM speaks, or None for CosyVoice 2.
-    `mini` names the built-in voice; a directory holding codec.yaml is a mini voice (or a mini bundle)."""
-    from mamtra_cli.mini import BUILTIN_DIR
+    `mini` names the built-in voice and `mini-1-1`, … its shipped hybrids (`mamtra_cli.mini.mini_dir`); a
+    directory holding codec.yaml is a mini voice (or a mini bundle)."""
+    from mamtra_cli.mini import is_builtin, mini_dir
     from mamtra_cli.mini.codec import CODEC_CONFIG
 
     for candidate in (assets, model):
         if candidate is None:
             continue
-        if str(candidate) == "mini":
-            return BUILTIN_DIR
+        if is_builtin(candidate):
+            return mini_dir(candidate)
         if (Path(candidate) / CODEC_CONFIG).is_file():
             return Path(candidate)
     return None

@@ -1,8 +1,9 @@
 """Which synthesis backend a `--model` / `--assets` pair names, and the sample voice that comes with it.
 
 Used by `mamtra synth`, `mamtra eval`, `profile vram --bundle` and the Python API alike, so that a model name
-means the same thing everywhere: `mini` (or nothing) is the built-in voice, a mini voice directory or mini
-bundle is the mini backend, a `mamtra export` bundle is self-contained, and an LM with `--assets` borrows the
+means the same thing everywhere: `mini` (or nothing) is the built-in voice, a shipped hybrid's name (`mini-1-1`,
+…) its materialised mini voice directory (`mamtra_cli.mini.mini_dir`), a mini voice directory or mini bundle is
+the mini backend, a `mamtra export` bundle is self-contained, and an LM with `--assets` borrows the
 flow, HiFT and front end of a CosyVoice 2 directory.
 """
 
@@ -17,19 +18,22 @@ from mamtra_cli.errors import UserError
 def check_model_exists(model: Optional[str]) -> None:
     """A --model that names nothing is the first thing to report: every later message (no sample voice, pass
     --ref, pass --assets) would only send the user after the wrong problem."""
-    if model is not None and model != "mini" and not Path(model).exists():
+    from mamtra_cli.mini import is_builtin
+
+    if model is not None and not is_builtin(model) and not Path(model).exists():
         raise UserError(f"Model {model} does not exist; pass a bundle from `mamtra export`, a mini voice "
                         "directory, or a model directory with --assets (or drop --model for the built-in mini voice).")
 
 
 def uses_mini_backend(model: Optional[str], assets: Optional[Path]) -> bool:
     """True if --model / --assets choose the mini backend (CPU only), decided from the files alone, without
-    loading any weights; the same decision as `resolve_backend`."""
+    loading any weights (a shipped hybrid is materialised once, then read from the cache); the same decision
+    as `resolve_backend`."""
     from mamtra_cli.mini import mini_dir
 
     if model is None or model == "mini":
         return True
-    path = Path(model)
+    path = mini_dir(model)
     codec_dir = path if assets is None else mini_dir(assets)
     if not (path.is_dir() and (codec_dir / "codec.yaml").is_file()):
         return False
@@ -63,8 +67,9 @@ def resolve_backend(model: Optional[str], assets: Optional[Path], device: str = 
     """The synthesis backend for --model / --assets.
 
     - no --model: the built-in mini voice (`mamtra_cli/builtin/mini/`, `--model mini` names it too);
-    - --model MINI_DIR (a `mamtra build-mini` voice or a mini bundle from `mamtra export`), or a hybrid made
-      from the mini with --assets mini / --assets MINI_DIR: the mini backend (CPU, 16 kHz);
+    - --model MINI_DIR (a `mamtra build-mini` voice or a mini bundle from `mamtra export`), a shipped hybrid
+      (`mini-1-1`, …), or a hybrid made from the mini with --assets mini / --assets MINI_DIR: the mini backend
+      (CPU, 16 kHz);
     - --model BUNDLE (a `mamtra export` output): everything from the bundle;
     - --model LM --assets COSYVOICE2_DIR: the LM from a MamTra model dir / CosyVoice 2 dir / llm.pt, the rest
       from the CosyVoice 2 directory; --model COSYVOICE2_DIR alone uses that directory for both.
@@ -81,7 +86,7 @@ def resolve_backend(model: Optional[str], assets: Optional[Path], device: str = 
 
 def _build_backend(model: Optional[str], assets: Optional[Path], device: str, lm_dtype,
                    max_new_tokens: Optional[int]):
-    from mamtra_cli.mini import BUILTIN_DIR
+    from mamtra_cli.mini import is_builtin, mini_dir
     from mamtra_cli.synthesis import backend as B
 
     if model is None or model == "mini":
@@ -89,22 +94,22 @@ def _build_backend(model: Optional[str], assets: Optional[Path], device: str, lm
             raise UserError("The built-in mini voice carries its own codec; drop --assets.")
         return default_backend(device, lm_dtype, max_new_tokens)
     check_model_exists(model)
-    if assets is not None and str(assets) == "mini":
-        assets = BUILTIN_DIR
-    path = Path(model)
+    if assets is not None and is_builtin(assets):
+        assets = mini_dir(assets)
+    path = mini_dir(model)
     if B.is_bundle(path):
         if assets is not None:
             raise UserError(f"{model} is a bundle and carries its own flow, HiFT and front end; drop --assets.")
         return B.CosyVoice2Backend.from_bundle(path, device=device, lm_dtype=lm_dtype, max_new_tokens=max_new_tokens)
     # A mini voice directory (`mamtra build-mini`) holds its LM, character vocabulary and codec together;
     # a hybrid made from it (transfer/distill) borrows the codec with --assets MINI_DIR.
-    mini_dir = path if assets is None else assets
-    if path.is_dir() and (Path(mini_dir) / "codec.yaml").is_file():
+    voice_dir = path if assets is None else assets
+    if path.is_dir() and (Path(voice_dir) / "codec.yaml").is_file():
         from mamtra_cli.mini.backend import MiniBackend
 
-        if MiniBackend.accepts(path, mini_dir):
+        if MiniBackend.accepts(path, voice_dir):
             _check_cpu_only(device)
-            return MiniBackend(path, codec_dir=mini_dir, dtype=lm_dtype, max_new_tokens=max_new_tokens)
+            return MiniBackend(path, codec_dir=voice_dir, dtype=lm_dtype, max_new_tokens=max_new_tokens)
     if assets is None:
         if B.has_cosyvoice2_assets(path):
             assets = path
@@ -145,7 +150,7 @@ def default_reference(model: Optional[str], assets: Optional[Path]) -> Optional[
     if model is None or model == "mini":
         candidates.append(BUILTIN_DIR)
     else:
-        candidates.append(Path(model))
+        candidates.append(mini_dir(model))
         if assets is not None:
             candidates.append(mini_dir(assets))
     for d in candidates:

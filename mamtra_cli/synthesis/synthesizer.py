@@ -133,7 +133,8 @@ def load(model: Optional[str] = None, assets: Optional[Path] = None, device: str
          max_tokens: Optional[int] = None, threads: int = 0, decode: str = "auto") -> Synthesizer:
     """Load a model to speak with, as `mamtra synth --model MODEL --assets ASSETS` does.
 
-    `model`: None or "mini" (the built-in voice), a bundle from `mamtra export`, a mini voice directory or mini
+    `model`: None or "mini" (the built-in voice), a shipped hybrid of it ("mini-1-1", "mini-1-3", "mini-1-5",
+    "mini-1-11"), a bundle from `mamtra export`, a mini voice directory or mini
     bundle, a hybrid of the mini voice with `assets="mini"` (or its directory), an LM (MamTra model dir,
     CosyVoice 2 dir, llm.pt) with `assets` a CosyVoice 2 directory, or a CosyVoice 2 directory alone.
     `device`: auto (the CPU for the mini voice, which runs only there; else cuda when a GPU is usable), cpu,

@@ -1,6 +1,7 @@
 """Teachers: the pretrained speech LMs that transfer copies from and distill learns from.
 
 `load_teacher(spec)` accepts
+  - a built-in name: `mini` (the mini voice's teacher) or a shipped hybrid of it (`mini-1-1`, …),
   - a MamTra model directory (config.yaml + model.safetensors + manifest.json),
   - a CosyVoice 2 model directory (llm.pt + CosyVoice-BlankEN/config.json, cosyvoice2.yaml optional),
   - an llm.pt file (its Qwen2 config.json via `config_json`, or CosyVoice-BlankEN/config.json beside it),
@@ -13,22 +14,23 @@ from pathlib import Path
 
 from mamtra_cli.errors import UserError
 
-BUILTIN_NAMES = ("mini",)  # future built-in teachers, addressed by name instead of a path
-
 
 def _load_builtin(name: str):
-    """Built-in teachers shipped inside the package (`mamtra_cli/builtin/<name>/`, made by `mamtra build-mini`)."""
+    """Models shipped inside the package, addressed by name (`mamtra_cli.mini.is_builtin`): the mini teacher
+    (`mamtra_cli/builtin/mini/`, made by `mamtra build-mini`) and its shipped hybrids (materialised from
+    `mamtra_cli/builtin/hybrids/<name>/` on first use)."""
     from mamtra_cli import checkpoints
-    from mamtra_cli.mini import BUILTIN_DIR
+    from mamtra_cli.mini import BUILTIN_DIR, mini_dir
     from mamtra_cli.models.speech_lm import load_model_dir
 
     if not checkpoints.is_model_dir(BUILTIN_DIR):
         raise UserError(f"The built-in {name} model is not shipped in this version; build one with "
                         f"`mamtra build-mini --out DIR` and pass --teacher DIR.")
-    info = {"format": "mamtra-builtin", "name": name, "path": str(BUILTIN_DIR),
-            "weights": checkpoints.file_fingerprint(BUILTIN_DIR / checkpoints.WEIGHTS_FILE)}
-    model = load_model_dir(BUILTIN_DIR).eval()
-    checkpoints.check_finite_weights(model, f"The built-in {name} model ({BUILTIN_DIR})")
+    path = mini_dir(name)
+    info = {"format": "mamtra-builtin", "name": name, "path": str(path),
+            "weights": checkpoints.file_fingerprint(path / checkpoints.WEIGHTS_FILE)}
+    model = load_model_dir(path).eval()
+    checkpoints.check_finite_weights(model, f"The built-in {name} model ({path})")
     return model, info
 
 
@@ -36,9 +38,10 @@ def load_teacher(spec, config_json: Path | None = None):
     """Load a teacher: returns `(SpeechLM in eval mode, info dict)`. Anything that is not a usable
     teacher raises `UserError` naming what was expected."""
     from mamtra_cli import checkpoints
+    from mamtra_cli.mini import is_builtin
 
-    if isinstance(spec, str) and spec in BUILTIN_NAMES:
-        return _load_builtin(spec)
+    if is_builtin(spec):
+        return _load_builtin(str(spec))
     path = Path(spec)
     expected = ("a CosyVoice 2 model directory (llm.pt and CosyVoice-BlankEN/config.json), an llm.pt file "
                 "with its Qwen2 config.json, or a MamTra model directory")

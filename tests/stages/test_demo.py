@@ -2,6 +2,7 @@
 (a mini bundle that synth and score read), and `mamtra demo` end to end at smoke size."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import soundfile as sf
 
 from mamtra_cli.cli import main
 from mamtra_cli.mini import BUILTIN_DIR
+from mamtra_cli.mini.hybrids import builtin_hybrid_names
 
 pytestmark = pytest.mark.skipif(not (BUILTIN_DIR / "model.safetensors").is_file(),
                                 reason="the built-in mini voice is not in this checkout (mamtra build-mini)")
@@ -65,7 +67,20 @@ def test_demo_end_to_end_smoke(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)
-    teacher, hybrid = summary["rows"]
+    shipped = builtin_hybrid_names()
+    assert summary["shipped_hybrids"] == shipped
+    rows = summary["rows"]
+    teacher, hybrid = rows[0], rows[-1]
+    assert teacher["kind"] == "teacher" and hybrid["kind"] == "yours"
+    # the shipped hybrids are rows of their own, measured like the others, by name
+    assert [r["model"] for r in rows if r["kind"] == "shipped"] == [f"{n} (shipped)" for n in shipped]
+    for r in (r for r in rows if r["kind"] == "shipped"):
+        assert np.isfinite(r["ce"]) and r["cache_bytes_at_2048"] < teacher["cache_bytes_at_2048"]
+        assert r["wer"] is not None and r["hello_rtf"] > 0
+    # the ground truth is the second row when espeak-ng can render it: WER and SIM only
+    truth = [r for r in rows if r["kind"] == "ground truth"]
+    if shutil.which("espeak-ng"):
+        assert rows[1] is truth[0] and truth[0]["wer"] is not None and truth[0]["ce"] is None
     assert teacher["layout"] == "A" * 12 and hybrid["layout"] == "MA" * 6
     assert hybrid["cache_bytes_at_2048"] < teacher["cache_bytes_at_2048"]
     assert 0.3 < summary["cache_saving"] < 0.6  # half the attention layers, plus Mamba's fixed state
@@ -74,7 +89,7 @@ def test_demo_end_to_end_smoke(tmp_path):
         assert (out / summary["paths"][key].split(str(out) + "/", 1)[1]).stat().st_size > 0
     assert json.loads((out / "demo.json").read_text())["rows"] == summary["rows"]
     # the commands name the final directory, never the temporary one the demo wrote into
-    assert all(".tmp-" not in c for c in summary["commands"]) and len(summary["commands"]) == 10
+    assert all(".tmp-" not in c for c in summary["commands"]) and len(summary["commands"]) == 10 + 2 * len(shipped)
     # ... and so do the stages' messages and their manifests (their recorded command lines, their inputs)
     assert ".tmp-" not in r.stderr
     for manifest in out.rglob("manifest.json"):

@@ -1,0 +1,213 @@
+"""Rebuilding the distilled hybrids that ship with the built-in mini voice (`mamtra_cli/builtin/hybrids/`):
+`build_hybrids`, the work of `mamtra build-hybrids`.
+
+    mamtra build-hybrids --out mamtra_cli/builtin/hybrids --force      # the shipped four (see RECIPE)
+
+Every step is a real `mamtra` stage run in its own process (`mamtra_cli.stage_process.run_stage`), so each
+hybrid's manifest lists the exact commands that made it, and any of them can be re-run by hand:
+
+  1. pseudo-label  the teacher samples speech tokens for `count` new grammar sentences (sequence-level KD data)
+                   and for `val_count` others (the validation set that picks the weights)     work/pl-train, pl-val
+  2. transfer      teacher → hybrid 1:k, Mamba layers initialised from attention (C←Q, B←K, x←V)  work/<name>/init
+  3. distill       on the 400 shipped real utterances + the pseudo-labelled ones; only the Mamba layers train
+                   (everything else stays the teacher's, which is what lets a hybrid ship as its Mamba layers
+                   alone), the weights with the lowest validation CE are kept                  work/<name>/kd
+  4. score         held-out CE on the mini's 120 held-out utterances (held-out voices; reported, never used to
+                   choose anything)
+  5. pack          the distilled hybrid → `out/<name>/`: config.yaml, the tensors it does not share with the
+                   teacher, manifest.json (`mamtra_cli.mini.hybrids.pack_hybrid`)
+
+Hybrids are built `jobs` at a time, one thread each (a 12-layer hidden-128 model is fastest on one thread; two
+side by side use both cores of the machine the shipped ones were built on). `work` keeps every phase; a phase
+whose recorded settings match is reused, and an interrupted distillation resumes from its last checkpoint, so
+re-running the same command continues where it stopped. `out` is written in one rename at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mamtra_cli.errors import UserError
+
+RATIOS = ("1:1", "1:3", "1:5", "1:11")
+DEFAULT_WORK = Path("/tmp/mamtra-build-hybrids/work")  # like build-mini's: never inside the package
+# glibc returns every freed buffer above its mmap threshold to the kernel, and the distillation step frees
+# several (batch × 6564-code logits, tens of MB each) per step: 40 % of a step's CPU time went to page faults
+# (sys 9.7 s of 38 s over 8 steps). With 1024-token micro-batches (×4 accumulation: the same 4096-token step)
+# every buffer stays under a 32 MB threshold and is reused: sys 0.96 s, user unchanged.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024), "MALLOC_TRIM_THRESHOLD_": str(2 * 1024 ** 3),
+              "MALLOC_TOP_PAD_": str(256 * 1024 * 1024)}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The distillation recipe of the shipped hybrids; the closing notes of issue 13 give the measurements
+    behind each value."""
+    count: int = 6000  # pseudo-labelled training utterances (the 400 real ones are always added)
+    val_count: int = 300  # pseudo-labelled validation utterances (other sentences, other seeds)
+    steps: int = 600  # optimizer steps of the one stage
+    lr: float = 6e-3
+    warmup: int = 30
+    train: str = "mamba"  # only the Mamba layers: the rest is the teacher's, shared on disk
+    batch_tokens: int = 1024  # per micro-batch; × grad_accum = 4096 tokens a step
+    grad_accum: int = 4
+    eval_every: int = 50
+    kl_weight: float = 1.0
+    ce_weight: float = 1.0
+    temperature: float = 1.0
+
+
+TOY_RECIPE = Recipe(count=16, val_count=8, steps=2, warmup=1, eval_every=1, batch_tokens=2048, grad_accum=1)
+
+
+def hybrid_name(ratio: str, placement: str = "uniform") -> str:
+    """"1:3" → "mini-1-3", the name a shipped hybrid is addressed by; another placement than the shipped
+    "uniform" is named too ("1:3", "front" → "mini-1-3-front"), so both can live in one work folder."""
+    from mamtra_cli.weight_transfer import parse_ratio
+
+    return f"mini-1-{parse_ratio(ratio)}" + ("" if placement == "uniform" else f"-{placement}")
+
+
+def _phase_done(directory: Path, settings: dict) -> bool:
+    """A phase output is reused only when it finished (its stage wrote manifest.json) with the same settings."""
+    marker = directory / "build-hybrids.json"
+    return ((directory / "manifest.json").is_file() and marker.is_file()
+            and json.loads(marker.read_text()) == settings)
+
+
+def _mark(directory: Path, settings: dict) -> None:
+    from mamtra_cli.checkpoints import write_json_atomic
+
+    write_json_atomic(directory / "build-hybrids.json", settings)
+
+
+def build_hybrids(out: Path, work: Path | None = None, ratios: tuple[str, ...] = RATIOS, recipe: Recipe = Recipe(),
+                  jobs: int = 2, seed: int = 0, force: bool = False, placement: str = "uniform",
+                  console=None) -> dict:
+    """Pseudo-label → (transfer → distill → score) per ratio → pack, into `out/<name>/` for every ratio.
+    Returns the summary (also printed by the stage): per hybrid its layout, best validation CE and step,
+    held-out CE, bytes on disk and seconds, plus the teacher's held-out CE and the shared commands."""
+    from mamtra_cli import checkpoints
+    from mamtra_cli.cli import stderr_console
+    from mamtra_cli.mini import BUILTIN_DIR
+    from mamtra_cli.mini.hybrids import file_sha256, pack_hybrid
+    from mamtra_cli.stage_process import run_stage
+
+    console = console or stderr_console()
+    out = Path(out)
+    names = [hybrid_name(r, placement) for r in ratios]  # bad ratios are refused before any work
+    if len(set(names)) != len(names):
+        raise UserError(f"--ratios {','.join(ratios)} names a ratio twice; give each once.")
+    if jobs < 1:
+        raise UserError(f"--jobs {jobs} must be at least 1.")
+    if not checkpoints.is_model_dir(BUILTIN_DIR):
+        raise UserError("This installation has no built-in mini voice (mamtra_cli/builtin/mini/), which the "
+                        "hybrids are distilled from; reinstall MamTra.")
+    from mamtra_cli.models.config import ModelConfig
+    from mamtra_cli.weight_transfer import attention_layers_for, parse_ratio
+
+    layers = ModelConfig.load(BUILTIN_DIR / checkpoints.CONFIG_FILE).num_layers
+    for r in ratios:  # a layout that does not fit the teacher is refused here, not after the pseudo-labels
+        attention_layers_for(layers, parse_ratio(r), placement)
+    checkpoints.check_output_dir(out, force)
+    work = Path(work) if work is not None else DEFAULT_WORK
+    work.mkdir(parents=True, exist_ok=True)
+    real, test = BUILTIN_DIR / "demo_distill.jsonl", BUILTIN_DIR / "demo_test.jsonl"
+    teacher_sha = file_sha256(BUILTIN_DIR / checkpoints.WEIGHTS_FILE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", **MALLOC_ENV}
+    common = ["--threads", "1", "--json"]
+    t_start = time.time()
+
+    # 1. pseudo-labelled training and validation data (shared by every hybrid)
+    shared_commands: list[str] = []
+    data_dirs = {}
+    for key, count, data_seed in (("pl-train", recipe.count, seed), ("pl-val", recipe.val_count, seed + 1_000_003)):
+        d = work / key
+        settings = {"teacher_sha256": teacher_sha, "count": count, "seed": data_seed}
+        if not _phase_done(d, settings):
+            run_stage(["pseudo-label", "--teacher", "mini", "--texts", "mini-grammar", "--count", str(count),
+                       "--seed", str(data_seed), "--out", str(d), "--force", *common], console, shared_commands, [], env)
+            _mark(d, settings)
+        else:
+            shared_commands.append(f"(reused {d})")
+        data_dirs[key] = d / "data.jsonl"
+    teacher_ce = run_stage(["score", "--model", "mini", "--data", str(test), *common], console, shared_commands,
+                           [], env)["ce"]
+
+    def one(ratio: str) -> dict:
+        name = hybrid_name(ratio, placement)
+        prefix = f"[{name}] "
+        base = work / name
+        base.mkdir(exist_ok=True)
+        commands = list(shared_commands)
+        seconds = {}
+        t = time.time()
+        init, kd = base / "init", base / "kd"
+        settings = {"teacher_sha256": teacher_sha, "ratio": ratio, "seed": seed}
+        if placement != "uniform":  # the shipped hybrids' settings stay as they were recorded
+            settings["placement"] = placement
+        if not _phase_done(init, settings):
+            run_stage(["transfer", "--teacher", "mini", "--ratio", ratio, "--placement", placement,
+                       "--seed", str(seed), "--out", str(init), "--force", *common], console, commands, [], env, prefix)
+            _mark(init, settings)
+        seconds["transfer"] = round(time.time() - t, 1)
+        kd_settings = {**settings, "recipe": asdict(recipe),
+                       "data": {k: file_sha256(v) for k, v in (("real", real), *data_dirs.items())}}
+        t = time.time()
+        if not _phase_done(kd, kd_settings):
+            # distill keeps its in-progress state in kd.partial/; resume it only if it was started with these
+            # very settings (recorded beside it: distill may discard the folder, never this file)
+            partial, started = kd.with_name(kd.name + ".partial"), base / "kd.started.json"
+            resume = partial.is_dir() and started.is_file() and json.loads(started.read_text()) == kd_settings
+            if not resume:
+                checkpoints.write_json_atomic(started, kd_settings)
+            run_stage(["distill", "--teacher", "mini", "--student", str(init), "--data", str(real),
+                       "--data", str(data_dirs["pl-train"]), "--val", str(data_dirs["pl-val"]), "--out", str(kd),
+                       "--stages", f"{recipe.train}:{recipe.steps}:{recipe.lr}", "--warmup", str(recipe.warmup),
+                       "--batch-tokens", str(recipe.batch_tokens), "--grad-accum", str(recipe.grad_accum),
+                       "--kl-weight", str(recipe.kl_weight), "--ce-weight", str(recipe.ce_weight),
+                       "--temperature", str(recipe.temperature), "--eval-every", str(recipe.eval_every),
+                       "--save-every", str(recipe.eval_every), "--keep-checkpoints", "1", "--select", "best",
+                       "--seed", str(seed), "--device", "cpu", "--force", *(["--resume"] if resume else []),
+                       *common], console, commands, [], env, prefix)
+            _mark(kd, kd_settings)
+        seconds["distill"] = round(time.time() - t, 1)
+        kd_manifest = checkpoints.read_manifest(kd)
+        held_out = run_stage(["score", "--model", str(kd), "--data", str(test), *common], console, commands, [],
+                             env, prefix)
+        return {"name": name, "ratio": ratio, "dir": kd, "commands": commands, "seconds": seconds,
+                "selected": kd_manifest.get("selected") or kd_manifest.get("metrics", {}).get("selected"),
+                "held_out_ce": held_out["ce"], "held_out_accuracy": held_out["accuracy"]}
+
+    with ThreadPoolExecutor(max_workers=min(jobs, len(ratios))) as pool:
+        results = list(pool.map(one, ratios))
+
+    rows = []
+    with checkpoints.staged_output(out, force) as tmp:
+        for r in results:
+            manifest = checkpoints.run_manifest(
+                "build-hybrids",
+                inputs={"teacher": {"name": "mini", "weights_sha256": teacher_sha},
+                        "real_data": {"path": "mini/demo_distill.jsonl", "sha256": file_sha256(real)},
+                        "pseudo_train": {"sha256": file_sha256(data_dirs["pl-train"])},
+                        "pseudo_val": {"sha256": file_sha256(data_dirs["pl-val"])},
+                        "held_out": {"path": "mini/demo_test.jsonl", "sha256": file_sha256(test)}},
+                parameters={"ratio": r["ratio"], "placement": placement, "recipe": asdict(recipe)},
+                metrics={"selected": r["selected"], "held_out_ce": r["held_out_ce"],
+                         "held_out_accuracy": r["held_out_accuracy"], "teacher_held_out_ce": teacher_ce,
+                         "seconds": r["seconds"]},
+                seed=seed, commands=r["commands"],
+                rebuild=f"mamtra build-hybrids --ratios {r['ratio']}"
+                        + ("" if placement == "uniform" else f" --placement {placement}") + " --out DIR")
+            packed = pack_hybrid(r["dir"], tmp / r["name"], base_dir=BUILTIN_DIR, manifest=manifest)
+            rows.append({"name": r["name"], "ratio": r["ratio"], "placement": placement, "selected": r["selected"],
+                         "held_out_ce": round(r["held_out_ce"], 4),
+                         "ce_vs_teacher": round(r["held_out_ce"] / teacher_ce - 1, 4),
+                         "bytes": packed["own_bytes"], "own_tensors": packed["own_tensors"], "seconds": r["seconds"]})
+    return {"out": str(out), "work": str(work), "teacher_held_out_ce": round(teacher_ce, 4), "hybrids": rows,
+            "recipe": asdict(recipe), "seed": seed, "seconds": round(time.time() - t_start, 1)}

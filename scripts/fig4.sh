@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The paper's Fig. 4 at mini scale: held-out CE against Whisper tiny.en WER, one point per model — the mini
+# teacher, the four shipped hybrids (1:1, 1:3, 1:5, 1:11, attention layers spread uniformly, the last of each
+# group) and a second placement of 1:1 and 1:3 (PLACEMENT, default "front": all attention layers at the bottom),
+# distilled here with the shipped recipe for STEPS steps on the pseudo-labels in WORK. `mamtra eval` scores them
+# all on the 120 held-out utterances and draws OUT/eval/ce_vs_wer.png with the least-squares line and Pearson r.
+#
+# Usage: scripts/fig4.sh OUT [STEPS=600] [PLACEMENT=front] [WORK=/tmp/mamtra-build-hybrids/work]
+#   WORK is `mamtra build-hybrids --work`: its pseudo-labels are reused when they were made with the shipped
+#   settings, else they are made first (about 12 minutes). Each placement hybrid takes about 30 minutes per
+#   600 steps (two side by side on a 2-core CPU); the evaluation about 5 minutes per model. Re-running resumes.
+set -euo pipefail
+out=${1:?usage: scripts/fig4.sh OUT [STEPS] [PLACEMENT] [WORK]}
+steps=${2:-600}
+placement=${3:-front}
+work=${4:-/tmp/mamtra-build-hybrids/work}
+mkdir -p "$out"
+mamtra build-hybrids --ratios 1:1,1:3 --placement "$placement" --steps "$steps" --work "$work" \
+  --out "$out/$placement" --force
+mamtra eval --list mini-heldout --data mini-heldout --out "$out/eval" --threads 1 \
+  --model mini --model mini-1-1 --model mini-1-3 --model mini-1-5 --model mini-1-11 \
+  --model "mini-1-1-$placement=$work/mini-1-1-$placement/kd" --model "mini-1-3-$placement=$work/mini-1-3-$placement/kd"

@@ -1,0 +1,87 @@
+"""`mamtra build-hybrids` at toy size, as a user runs it (a fresh process): pseudo-label → transfer → distill
+(Mamba layers only, best val CE) → score → pack. The packed hybrid holds exactly the Mamba tensors, materialises
+bit-identically to the distilled model, and its manifest lists commands that rebuild it; a second run reuses
+every phase of its --work cache."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from mamtra_cli import checkpoints
+from mamtra_cli.mini import BUILTIN_DIR
+from tests.stages.harness import one_error, run
+
+pytestmark = pytest.mark.skipif(not (BUILTIN_DIR / "model.safetensors").is_file(),
+                                reason="the built-in mini voice is not in this checkout (mamtra build-mini)")
+
+
+def build(out, work, *extra):
+    cmd = [sys.executable, "-m", "mamtra_cli", "build-hybrids", "--out", str(out), "--work", str(work),
+           "--ratios", "1:3", "--toy", "--json", *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout), r.stderr
+
+
+def test_build_hybrids_toy_end_to_end(tmp_path, monkeypatch):
+    from mamtra_cli.mini import hybrids
+
+    out, work = tmp_path / "hybrids", tmp_path / "work"
+    summary, err = build(out, work)
+    (row,) = summary["hybrids"]
+    assert row["name"] == "mini-1-3" and row["selected"]["rule"] == "best val CE"
+    assert row["held_out_ce"] > 0 and summary["teacher_held_out_ce"] > 0
+    assert sorted(p.name for p in (out / "mini-1-3").iterdir()) == [
+        "config.yaml", "manifest.json", "own_weights.safetensors"]
+
+    # only the Mamba mixers trained, so only they are stored: everything else is the teacher's
+    kd = work / "mini-1-3" / "kd"
+    own = load_file(str(out / "mini-1-3" / hybrids.OWN_WEIGHTS))
+    full = load_file(str(kd / checkpoints.WEIGHTS_FILE))
+    assert own and all(".mamba." in k for k in own)
+    assert sorted(own) == sorted(k for k in full if ".mamba." in k)
+    assert row["bytes"] < 0.25 * (kd / checkpoints.WEIGHTS_FILE).stat().st_size
+
+    # addressed by name, it is the distilled model bit for bit
+    monkeypatch.setattr(hybrids, "HYBRIDS_DIR", out)
+    monkeypatch.setenv("MAMTRA_CACHE_DIR", str(tmp_path / "cache"))
+    made = load_file(str(hybrids.materialize("mini-1-3") / checkpoints.WEIGHTS_FILE))
+    assert sorted(made) == sorted(full) and all(hybrids.same_bits(made[k], full[k]) for k in full)
+
+    # the manifest records the commands, the recipe and the data hashes
+    manifest = json.loads((out / "mini-1-3" / "manifest.json").read_text())
+    steps = [c.split()[1] for c in manifest["commands"]]
+    assert steps == ["pseudo-label", "pseudo-label", "score", "transfer", "distill", "score"]
+    assert manifest["parameters"]["recipe"]["train"] == "mamba" and manifest["base"]["name"] == "mini"
+    assert all(len(manifest["inputs"][k]["sha256"]) == 64 for k in ("real_data", "pseudo_train", "pseudo_val"))
+    assert manifest["metrics"]["held_out_ce"] == pytest.approx(row["held_out_ce"], abs=1e-4)
+
+    # a second run with the same settings reuses the pseudo-labels, the transfer and the distillation
+    before = (kd / checkpoints.WEIGHTS_FILE).stat().st_mtime_ns
+    again, err2 = build(out, work, "--force")
+    assert (kd / checkpoints.WEIGHTS_FILE).stat().st_mtime_ns == before
+    assert "$ mamtra distill" not in err2 and "$ mamtra transfer" not in err2
+    assert again["hybrids"][0]["held_out_ce"] == pytest.approx(row["held_out_ce"], abs=1e-9)
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--ratios", "1:7"], "does not divide"),  # 12 layers are not a multiple of 8
+    (["--ratios", "1:3,1:3"], "twice"),
+    (["--ratios", "2:3"], "1:k"),
+    (["--placement", "middle"], "Unknown --placement"),
+])
+def test_bad_ratios_are_one_sentence_before_any_work(args, expect, tmp_path, capsys):
+    code, _, err = run(capsys, "build-hybrids", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"),
+                       "--toy", *args)
+    assert code == 2 and expect in one_error(err)
+    assert not (tmp_path / "w" / "pl-train").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_placement_other_than_uniform_is_named():
+    from mamtra_cli.mini.build_hybrids import hybrid_name
+
+    assert hybrid_name("1:3") == hybrid_name("1:3", "uniform") == "mini-1-3"
+    assert hybrid_name("1:3", "front") == "mini-1-3-front"
