@@ -7,7 +7,7 @@
 #
 # Usage: scripts/fig4.sh OUT [STEPS=600] [PLACEMENT=front] [WORK=/tmp/mamtra-build-hybrids/work]
 #   WORK is `mamtra build-hybrids --work`: its pseudo-labels are reused when they were made with the shipped
-#   settings, else they are made first (about 12 minutes). Each placement hybrid takes about 30 minutes per
+#   settings, else they are made first (about 7 minutes). Each placement hybrid takes about 20 minutes per
 #   600 steps (two side by side on a 2-core CPU); the evaluation about 5 minutes per model. Re-running resumes.
 set -euo pipefail
 out=${1:?usage: scripts/fig4.sh OUT [STEPS] [PLACEMENT] [WORK]}
@@ -19,4 +19,4 @@ mamtra build-hybrids --ratios 1:1,1:3 --placement "$placement" --steps "$steps" 
   --out "$out/$placement" --force
 mamtra eval --list mini-heldout --data mini-heldout --out "$out/eval" --threads 1 \
   --model mini --model mini-1-1 --model mini-1-3 --model mini-1-5 --model mini-1-11 \
-  --model "mini-1-1-$placement=$work/mini-1-1-$placement/kd" --model "mini-1-3-$placement=$work/mini-1-3-$placement/kd"
+  --model "mini-1-1-$placement=$work/mini-1-1-$placement/kd-prompted" --model "mini-1-3-$placement=$work/mini-1-3-$placement/kd-prompted"

@@ -12,6 +12,9 @@ hybrid's manifest lists the exact commands that made it, and any of them can be 
   3. distill       on the 400 shipped real utterances + the pseudo-labelled ones; only the Mamba layers train
                    (everything else stays the teacher's, which is what lets a hybrid ship as its Mamba layers
                    alone), the weights with the lowest validation CE are kept                  work/<name>/kd
+  3b. prompted    the distilled hybrid again, from step 3's weights, with joined same-speaker pairs of the real
+                   utterances added (text ++ " " ++ text, speech ++ speech: the shape of a prompted request), the
+                   validation set joined likewise; the last weights are kept                   work/<name>/kd-prompted
   4. score         held-out CE on the mini's 120 held-out utterances (held-out voices; reported, never used to
                    choose anything)
   5. pack          the distilled hybrid → `out/<name>/`: config.yaml, the tensors it does not share with the
@@ -29,7 +32,7 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mamtra_cli.errors import UserError
@@ -42,6 +45,20 @@ DEFAULT_WORK = Path("/tmp/mamtra-build-hybrids/work")  # like build-mini's: neve
 # every buffer stays under a 32 MB threshold and is reused: sys 0.96 s, user unchanged.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024), "MALLOC_TRIM_THRESHOLD_": str(2 * 1024 ** 3),
               "MALLOC_TOP_PAD_": str(256 * 1024 * 1024)}
+
+
+@dataclass(frozen=True)
+class PromptedPhase:
+    """Phase 3b. Every request a user makes is prompted: the LM reads [prompt text ++ text] and the prompt's
+    speech tokens, then continues. The teacher learnt that from joined same-speaker pairs (`mini.train`,
+    concat_prob 0.25), but a hybrid distilled on single utterances alone did not: on 12 held-out rows it spoke
+    38 tokens after a prompt against the teacher's 64 (64 for both unprompted), stopping mid-sentence (Whisper
+    WER 0.893 for mini-1-1 against the teacher's 0.527) while its unprompted held-out CE was within 1.4 %."""
+    pairs: int = 2000  # joined same-speaker pairs of the 400 real utterances, added to the training data
+    val_pairs: int = 100  # joined pairs (another draw) added to the validation set
+    steps: int = 200
+    lr: float = 3e-3
+    warmup: int = 20
 
 
 @dataclass(frozen=True)
@@ -60,9 +77,45 @@ class Recipe:
     kl_weight: float = 1.0
     ce_weight: float = 1.0
     temperature: float = 1.0
+    prompted: PromptedPhase = field(default_factory=PromptedPhase)  # the second phase (3b)
 
 
-TOY_RECIPE = Recipe(count=16, val_count=8, steps=2, warmup=1, eval_every=1, batch_tokens=2048, grad_accum=1)
+TOY_RECIPE = Recipe(count=16, val_count=8, steps=2, warmup=1, eval_every=1, batch_tokens=2048, grad_accum=1,
+                    prompted=PromptedPhase(pairs=8, val_pairs=4, steps=2, warmup=1))
+
+
+def _first_phase(recipe: Recipe) -> dict:
+    """The recipe of phase 3 alone: what its recorded settings hold (so that adding phase 3b kept the
+    distillations already made)."""
+    d = asdict(recipe)
+    d.pop("prompted")
+    return d
+
+
+def joined_pairs(utts: list, count: int, seed: int, space_id: int, prefix: str = "joined") -> list:
+    """`count` rows, each two different utterances of one speaker joined: text ++ [space] ++ text and
+    speech ++ speech, as the mini teacher was trained (`mini.train._batches`). Speakers are drawn in
+    proportion to their utterances (random.Random(seed)); utterances without a speaker are never joined."""
+    import random
+
+    from mamtra_cli.data_manifest import Utterance
+
+    by_spk: dict[str, list] = {}
+    for u in utts:
+        if u.spk:
+            by_spk.setdefault(u.spk, []).append(u)
+    pool = [u for group in by_spk.values() if len(group) > 1 for u in group]
+    if not pool:
+        raise UserError("No speaker has two utterances to join; the real data needs `spk` fields.")
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        b = rng.choice(pool)
+        a = rng.choice([u for u in by_spk[b.spk] if u is not b])
+        rows.append(Utterance(f"{prefix}_{i:05d}_{a.utt}+{b.utt}", list(a.text_tokens) + [space_id] + list(b.text_tokens),
+                              list(a.speech_tokens) + list(b.speech_tokens),
+                              None if a.text is None or b.text is None else f"{a.text} {b.text}", b.spk))
+    return rows
 
 
 def hybrid_name(ratio: str, placement: str = "uniform") -> str:
@@ -136,6 +189,26 @@ def build_hybrids(out: Path, work: Path | None = None, ratios: tuple[str, ...] =
         else:
             shared_commands.append(f"(reused {d})")
         data_dirs[key] = d / "data.jsonl"
+    # 1b. joined same-speaker pairs of the real utterances (phase 3b's prompted practice); deterministic, so
+    # rewritten on every run, and their hashes key phase 3b
+    from mamtra_cli.data_manifest import read_manifest, write_manifest
+    from mamtra_cli.mini.text import CharTokenizer
+
+    header, real_utts = read_manifest(real)
+    space_id = CharTokenizer.load(BUILTIN_DIR).space
+    pr = recipe.prompted
+    joined_dir = work / "joined"
+    joined_dir.mkdir(exist_ok=True)
+    data_dirs["joined-train"] = joined_dir / "train.jsonl"
+    data_dirs["joined-val"] = joined_dir / "val.jsonl"  # the pseudo-labelled validation rows + joined pairs
+    write_manifest(data_dirs["joined-train"], header, joined_pairs(real_utts, pr.pairs, seed, space_id))
+    _, val_utts = read_manifest(data_dirs["pl-val"])
+    write_manifest(data_dirs["joined-val"], header,
+                   val_utts + joined_pairs(real_utts, pr.val_pairs, seed + 1_000_003, space_id, "joined-val"))
+    shared_commands.append(f"(joined: {pr.pairs} same-speaker pairs of mini/demo_distill.jsonl, seed {seed} → "
+                           f"{data_dirs['joined-train']}; validation: {data_dirs['pl-val']} + {pr.val_pairs} pairs, "
+                           f"seed {seed + 1_000_003} → {data_dirs['joined-val']}; "
+                           "mamtra_cli.mini.build_hybrids.joined_pairs)")
     teacher_ce = run_stage(["score", "--model", "mini", "--data", str(test), *common], console, shared_commands,
                            [], env)["ce"]
 
@@ -156,8 +229,8 @@ def build_hybrids(out: Path, work: Path | None = None, ratios: tuple[str, ...] =
                        "--seed", str(seed), "--out", str(init), "--force", *common], console, commands, [], env, prefix)
             _mark(init, settings)
         seconds["transfer"] = round(time.time() - t, 1)
-        kd_settings = {**settings, "recipe": asdict(recipe),
-                       "data": {k: file_sha256(v) for k, v in (("real", real), *data_dirs.items())}}
+        kd_settings = {**settings, "recipe": _first_phase(recipe),
+                       "data": {k: file_sha256(data_dirs[k] if k != "real" else real) for k in ("real", "pl-train", "pl-val")}}
         t = time.time()
         if not _phase_done(kd, kd_settings):
             # distill keeps its in-progress state in kd.partial/; resume it only if it was started with these
@@ -177,10 +250,35 @@ def build_hybrids(out: Path, work: Path | None = None, ratios: tuple[str, ...] =
                        *common], console, commands, [], env, prefix)
             _mark(kd, kd_settings)
         seconds["distill"] = round(time.time() - t, 1)
+        # 3b. the prompted phase, from phase 3's weights (see PromptedPhase)
+        kdp = base / "kd-prompted"
+        kdp_settings = {**kd_settings, "prompted": asdict(pr), "from": file_sha256(kd / checkpoints.WEIGHTS_FILE),
+                        "data": {**kd_settings["data"], **{k: file_sha256(data_dirs[k])
+                                                           for k in ("joined-train", "joined-val")}}}
+        t = time.time()
+        if not _phase_done(kdp, kdp_settings):
+            partial, started = kdp.with_name(kdp.name + ".partial"), base / "kd-prompted.started.json"
+            resume = partial.is_dir() and started.is_file() and json.loads(started.read_text()) == kdp_settings
+            if not resume:
+                checkpoints.write_json_atomic(started, kdp_settings)
+            run_stage(["distill", "--teacher", "mini", "--student", str(kd), "--data", str(real),
+                       "--data", str(data_dirs["pl-train"]), "--data", str(data_dirs["joined-train"]),
+                       "--val", str(data_dirs["joined-val"]), "--out", str(kdp),
+                       "--stages", f"{recipe.train}:{pr.steps}:{pr.lr}", "--warmup", str(pr.warmup),
+                       "--batch-tokens", str(recipe.batch_tokens), "--grad-accum", str(recipe.grad_accum),
+                       "--kl-weight", str(recipe.kl_weight), "--ce-weight", str(recipe.ce_weight),
+                       "--temperature", str(recipe.temperature), "--eval-every", str(recipe.eval_every),
+                       "--save-every", str(recipe.eval_every), "--keep-checkpoints", "1", "--select", "last",
+                       "--seed", str(seed), "--device", "cpu", "--force", *(["--resume"] if resume else []),
+                       *common], console, commands, [], env, prefix)
+            _mark(kdp, kdp_settings)
+        seconds["prompted"] = round(time.time() - t, 1)
         kd_manifest = checkpoints.read_manifest(kd)
-        held_out = run_stage(["score", "--model", str(kd), "--data", str(test), *common], console, commands, [],
+        kdp_manifest = checkpoints.read_manifest(kdp)
+        held_out = run_stage(["score", "--model", str(kdp), "--data", str(test), *common], console, commands, [],
                              env, prefix)
-        return {"name": name, "ratio": ratio, "dir": kd, "commands": commands, "seconds": seconds,
+        return {"name": name, "ratio": ratio, "dir": kdp, "commands": commands, "seconds": seconds,
+                "selected_prompted": kdp_manifest.get("selected") or kdp_manifest.get("metrics", {}).get("selected"),
                 "selected": kd_manifest.get("selected") or kd_manifest.get("metrics", {}).get("selected"),
                 "held_out_ce": held_out["ce"], "held_out_accuracy": held_out["accuracy"]}
 
@@ -196,9 +294,12 @@ def build_hybrids(out: Path, work: Path | None = None, ratios: tuple[str, ...] =
                         "real_data": {"path": "mini/demo_distill.jsonl", "sha256": file_sha256(real)},
                         "pseudo_train": {"sha256": file_sha256(data_dirs["pl-train"])},
                         "pseudo_val": {"sha256": file_sha256(data_dirs["pl-val"])},
+                        "joined_train": {"sha256": file_sha256(data_dirs["joined-train"])},
+                        "joined_val": {"sha256": file_sha256(data_dirs["joined-val"])},
                         "held_out": {"path": "mini/demo_test.jsonl", "sha256": file_sha256(test)}},
                 parameters={"ratio": r["ratio"], "placement": placement, "recipe": asdict(recipe)},
-                metrics={"selected": r["selected"], "held_out_ce": r["held_out_ce"],
+                metrics={"selected": r["selected"], "selected_prompted": r["selected_prompted"],
+                         "held_out_ce": r["held_out_ce"],
                          "held_out_accuracy": r["held_out_accuracy"], "teacher_held_out_ce": teacher_ce,
                          "seconds": r["seconds"]},
                 seed=seed, commands=r["commands"],
@@ -206,6 +307,7 @@ def build_hybrids(out: Path, work: Path | None = None, ratios: tuple[str, ...] =
                         + ("" if placement == "uniform" else f" --placement {placement}") + " --out DIR")
             packed = pack_hybrid(r["dir"], tmp / r["name"], base_dir=BUILTIN_DIR, manifest=manifest)
             rows.append({"name": r["name"], "ratio": r["ratio"], "placement": placement, "selected": r["selected"],
+                         "selected_prompted": r["selected_prompted"],
                          "held_out_ce": round(r["held_out_ce"], 4),
                          "ce_vs_teacher": round(r["held_out_ce"] / teacher_ce - 1, 4),
                          "bytes": packed["own_bytes"], "own_tensors": packed["own_tensors"], "seconds": r["seconds"]})

@@ -1,5 +1,5 @@
 """`mamtra build-hybrids` at toy size, as a user runs it (a fresh process): pseudo-label → transfer → distill
-(Mamba layers only, best val CE) → score → pack. The packed hybrid holds exactly the Mamba tensors, materialises
+(Mamba layers only, best val CE) → distill again with joined same-speaker pairs (the prompted phase) → score → pack. The packed hybrid holds exactly the Mamba tensors, materialises
 bit-identically to the distilled model, and its manifest lists commands that rebuild it; a second run reuses
 every phase of its --work cache."""
 
@@ -38,7 +38,8 @@ def test_build_hybrids_toy_end_to_end(tmp_path, monkeypatch):
         "config.yaml", "manifest.json", "own_weights.safetensors"]
 
     # only the Mamba mixers trained, so only they are stored: everything else is the teacher's
-    kd = work / "mini-1-3" / "kd"
+    kd = work / "mini-1-3" / "kd-prompted"
+    assert row["selected_prompted"]["rule"] != row["selected"]["rule"]  # the prompted phase keeps its last step
     own = load_file(str(out / "mini-1-3" / hybrids.OWN_WEIGHTS))
     full = load_file(str(kd / checkpoints.WEIGHTS_FILE))
     assert own and all(".mamba." in k for k in own)
@@ -53,13 +54,16 @@ def test_build_hybrids_toy_end_to_end(tmp_path, monkeypatch):
 
     # the manifest records the commands, the recipe and the data hashes
     manifest = json.loads((out / "mini-1-3" / "manifest.json").read_text())
-    steps = [c.split()[1] for c in manifest["commands"]]
-    assert steps == ["pseudo-label", "pseudo-label", "score", "transfer", "distill", "score"]
+    steps = [c.split()[1] if c.startswith("mamtra ") else c.split()[0] for c in manifest["commands"]]
+    assert steps == ["pseudo-label", "pseudo-label", "(joined:", "score", "transfer", "distill", "distill", "score"]
+    prompted = manifest["commands"][6]
+    assert f"--student {work / 'mini-1-3' / 'kd'} " in prompted and "joined/train.jsonl" in prompted
     assert manifest["parameters"]["recipe"]["train"] == "mamba" and manifest["base"]["name"] == "mini"
-    assert all(len(manifest["inputs"][k]["sha256"]) == 64 for k in ("real_data", "pseudo_train", "pseudo_val"))
+    assert all(len(manifest["inputs"][k]["sha256"]) == 64 for k in ("real_data", "pseudo_train", "pseudo_val",
+                                                                   "joined_train", "joined_val"))
     assert manifest["metrics"]["held_out_ce"] == pytest.approx(row["held_out_ce"], abs=1e-4)
 
-    # a second run with the same settings reuses the pseudo-labels, the transfer and the distillation
+    # a second run with the same settings reuses the pseudo-labels, the transfer and both distillations
     before = (kd / checkpoints.WEIGHTS_FILE).stat().st_mtime_ns
     again, err2 = build(out, work, "--force")
     assert (kd / checkpoints.WEIGHTS_FILE).stat().st_mtime_ns == before
@@ -85,3 +89,23 @@ def test_a_placement_other_than_uniform_is_named():
 
     assert hybrid_name("1:3") == hybrid_name("1:3", "uniform") == "mini-1-3"
     assert hybrid_name("1:3", "front") == "mini-1-3-front"
+
+
+def test_joined_pairs_join_two_utterances_of_one_speaker():
+    from mamtra_cli.data_manifest import Utterance
+    from mamtra_cli.mini.build_hybrids import joined_pairs
+
+    utts = [Utterance(f"u{i}", [i, i], [100 + i] * (i + 1), f"t{i}", "a" if i < 3 else "b") for i in range(5)]
+    utts.append(Utterance("lonely", [9], [9], "t9", "c"))  # the only utterance of its speaker: never joined
+    utts.append(Utterance("nobody", [8], [8], "t8", None))
+    rows = joined_pairs(utts, 40, seed=3, space_id=1)
+    by_id = {u.utt: u for u in utts}
+    assert len(rows) == 40 and len({r.utt for r in rows}) == 40
+    for r in rows:
+        a, b = (by_id[x] for x in r.utt.split("_", 2)[2].split("+"))
+        assert a is not b and a.spk == b.spk == r.spk
+        assert r.text_tokens == a.text_tokens + [1] + b.text_tokens and r.speech_tokens == a.speech_tokens + b.speech_tokens
+        assert r.text == f"{a.text} {b.text}"
+    assert {r.spk for r in rows} == {"a", "b"}
+    assert [r.utt for r in joined_pairs(utts, 40, seed=3, space_id=1)] == [r.utt for r in rows]
+    assert [r.utt for r in joined_pairs(utts, 40, seed=4, space_id=1)] != [r.utt for r in rows]

@@ -73,12 +73,12 @@ def test_demo_end_to_end_smoke(tmp_path):
     teacher, hybrid = rows[0], rows[-1]
     assert teacher["kind"] == "teacher" and hybrid["kind"] == "yours"
     # the shipped hybrids are rows of their own, measured like the others, by name
-    assert [r["model"] for r in rows if r["kind"] == "shipped"] == [f"{n} (shipped)" for n in shipped]
-    for r in (r for r in rows if r["kind"] == "shipped"):
-        assert np.isfinite(r["ce"]) and r["cache_bytes_at_2048"] < teacher["cache_bytes_at_2048"]
-        assert r["wer"] is not None and r["hello_rtf"] > 0
+    assert [row["model"] for row in rows if row["kind"] == "shipped"] == [f"{n} (shipped)" for n in shipped]
+    for row in (row for row in rows if row["kind"] == "shipped"):
+        assert np.isfinite(row["ce"]) and row["cache_bytes_at_2048"] < teacher["cache_bytes_at_2048"]
+        assert row["wer"] is not None and row["hello_rtf"] > 0
     # the ground truth is the second row when espeak-ng can render it: WER and SIM only
-    truth = [r for r in rows if r["kind"] == "ground truth"]
+    truth = [row for row in rows if row["kind"] == "ground truth"]
     if shutil.which("espeak-ng"):
         assert rows[1] is truth[0] and truth[0]["wer"] is not None and truth[0]["ce"] is None
     assert teacher["layout"] == "A" * 12 and hybrid["layout"] == "MA" * 6
