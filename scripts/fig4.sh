@@ -17,6 +17,9 @@ work=${4:-/tmp/mamtra-build-hybrids/work}
 mkdir -p "$out"
 mamtra build-hybrids --ratios 1:1,1:3 --placement "$placement" --steps "$steps" --work "$work" \
   --out "$out/$placement" --force
+for r in 1-1 1-3; do  # a bundle (LM + the mini codec) is what `mamtra eval --model` speaks with
+  mamtra export --model "$work/mini-$r-$placement/kd-prompted" --assets mini --out "$out/mini-$r-$placement.bundle" --force
+done
 mamtra eval --list mini-heldout --data mini-heldout --out "$out/eval" --threads 1 \
   --model mini --model mini-1-1 --model mini-1-3 --model mini-1-5 --model mini-1-11 \
-  --model "mini-1-1-$placement=$work/mini-1-1-$placement/kd-prompted" --model "mini-1-3-$placement=$work/mini-1-3-$placement/kd-prompted"
+  --model "mini-1-1-$placement=$out/mini-1-1-$placement.bundle" --model "mini-1-3-$placement=$out/mini-1-3-$placement.bundle"
