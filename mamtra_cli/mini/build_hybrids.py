@@ -133,6 +133,14 @@ def _phase_done(directory: Path, settings: dict) -> bool:
             and json.loads(marker.read_text()) == settings)
 
 
+def _selected(model_dir: Path) -> dict | None:
+    """The weights a distillation kept: {rule, step, val_ce} from its manifest."""
+    from mamtra_cli.checkpoints import read_manifest
+
+    m = read_manifest(model_dir)
+    return m.get("selected") or m.get("metrics", {}).get("selected")
+
+
 def _mark(directory: Path, settings: dict) -> None:
     from mamtra_cli.checkpoints import write_json_atomic
 
@@ -230,56 +238,44 @@ def build_hybrids(out: Path, work: Path | None = None, ratios: tuple[str, ...] =
             _mark(init, settings)
         seconds["transfer"] = round(time.time() - t, 1)
         kd_settings = {**settings, "recipe": _first_phase(recipe),
-                       "data": {k: file_sha256(data_dirs[k] if k != "real" else real) for k in ("real", "pl-train", "pl-val")}}
-        t = time.time()
-        if not _phase_done(kd, kd_settings):
-            # distill keeps its in-progress state in kd.partial/; resume it only if it was started with these
-            # very settings (recorded beside it: distill may discard the folder, never this file)
-            partial, started = kd.with_name(kd.name + ".partial"), base / "kd.started.json"
-            resume = partial.is_dir() and started.is_file() and json.loads(started.read_text()) == kd_settings
-            if not resume:
-                checkpoints.write_json_atomic(started, kd_settings)
-            run_stage(["distill", "--teacher", "mini", "--student", str(init), "--data", str(real),
-                       "--data", str(data_dirs["pl-train"]), "--val", str(data_dirs["pl-val"]), "--out", str(kd),
-                       "--stages", f"{recipe.train}:{recipe.steps}:{recipe.lr}", "--warmup", str(recipe.warmup),
-                       "--batch-tokens", str(recipe.batch_tokens), "--grad-accum", str(recipe.grad_accum),
-                       "--kl-weight", str(recipe.kl_weight), "--ce-weight", str(recipe.ce_weight),
-                       "--temperature", str(recipe.temperature), "--eval-every", str(recipe.eval_every),
-                       "--save-every", str(recipe.eval_every), "--keep-checkpoints", "1", "--select", "best",
-                       "--seed", str(seed), "--device", "cpu", "--force", *(["--resume"] if resume else []),
-                       *common], console, commands, [], env, prefix)
-            _mark(kd, kd_settings)
-        seconds["distill"] = round(time.time() - t, 1)
+                       "data": {"real": file_sha256(real), "pl-train": file_sha256(data_dirs["pl-train"]),
+                                "pl-val": file_sha256(data_dirs["pl-val"])}}
+        def distill_phase(student: Path, dest: Path, data: list[Path], val: Path, steps: int, lr: float,
+                          warmup: int, select: str, phase_settings: dict) -> float:
+            """One `mamtra distill` run into `dest` unless it is done with these settings; its seconds.
+            distill keeps its in-progress state in DEST.partial/; resume it only if it was started with these very
+            settings (recorded beside it: distill may discard the folder, never this file)."""
+            t = time.time()
+            if not _phase_done(dest, phase_settings):
+                partial, started = dest.with_name(dest.name + ".partial"), base / f"{dest.name}.started.json"
+                resume = partial.is_dir() and started.is_file() and json.loads(started.read_text()) == phase_settings
+                if not resume:
+                    checkpoints.write_json_atomic(started, phase_settings)
+                run_stage(["distill", "--teacher", "mini", "--student", str(student),
+                           *(a for d in data for a in ("--data", str(d))), "--val", str(val), "--out", str(dest),
+                           "--stages", f"{recipe.train}:{steps}:{lr}", "--warmup", str(warmup),
+                           "--batch-tokens", str(recipe.batch_tokens), "--grad-accum", str(recipe.grad_accum),
+                           "--kl-weight", str(recipe.kl_weight), "--ce-weight", str(recipe.ce_weight),
+                           "--temperature", str(recipe.temperature), "--eval-every", str(recipe.eval_every),
+                           "--save-every", str(recipe.eval_every), "--keep-checkpoints", "1", "--select", select,
+                           "--seed", str(seed), "--device", "cpu", "--force", *(["--resume"] if resume else []),
+                           *common], console, commands, [], env, prefix)
+                _mark(dest, phase_settings)
+            return round(time.time() - t, 1)
+
+        seconds["distill"] = distill_phase(init, kd, [real, data_dirs["pl-train"]], data_dirs["pl-val"], recipe.steps,
+                                           recipe.lr, recipe.warmup, "best", kd_settings)
         # 3b. the prompted phase, from phase 3's weights (see PromptedPhase)
         kdp = base / "kd-prompted"
         kdp_settings = {**kd_settings, "prompted": asdict(pr), "from": file_sha256(kd / checkpoints.WEIGHTS_FILE),
                         "data": {**kd_settings["data"], **{k: file_sha256(data_dirs[k])
                                                            for k in ("joined-train", "joined-val")}}}
-        t = time.time()
-        if not _phase_done(kdp, kdp_settings):
-            partial, started = kdp.with_name(kdp.name + ".partial"), base / "kd-prompted.started.json"
-            resume = partial.is_dir() and started.is_file() and json.loads(started.read_text()) == kdp_settings
-            if not resume:
-                checkpoints.write_json_atomic(started, kdp_settings)
-            run_stage(["distill", "--teacher", "mini", "--student", str(kd), "--data", str(real),
-                       "--data", str(data_dirs["pl-train"]), "--data", str(data_dirs["joined-train"]),
-                       "--val", str(data_dirs["joined-val"]), "--out", str(kdp),
-                       "--stages", f"{recipe.train}:{pr.steps}:{pr.lr}", "--warmup", str(pr.warmup),
-                       "--batch-tokens", str(recipe.batch_tokens), "--grad-accum", str(recipe.grad_accum),
-                       "--kl-weight", str(recipe.kl_weight), "--ce-weight", str(recipe.ce_weight),
-                       "--temperature", str(recipe.temperature), "--eval-every", str(recipe.eval_every),
-                       "--save-every", str(recipe.eval_every), "--keep-checkpoints", "1", "--select", "last",
-                       "--seed", str(seed), "--device", "cpu", "--force", *(["--resume"] if resume else []),
-                       *common], console, commands, [], env, prefix)
-            _mark(kdp, kdp_settings)
-        seconds["prompted"] = round(time.time() - t, 1)
-        kd_manifest = checkpoints.read_manifest(kd)
-        kdp_manifest = checkpoints.read_manifest(kdp)
+        seconds["prompted"] = distill_phase(kd, kdp, [real, data_dirs["pl-train"], data_dirs["joined-train"]],
+                                            data_dirs["joined-val"], pr.steps, pr.lr, pr.warmup, "last", kdp_settings)
         held_out = run_stage(["score", "--model", str(kdp), "--data", str(test), *common], console, commands, [],
                              env, prefix)
         return {"name": name, "ratio": ratio, "dir": kdp, "commands": commands, "seconds": seconds,
-                "selected_prompted": kdp_manifest.get("selected") or kdp_manifest.get("metrics", {}).get("selected"),
-                "selected": kd_manifest.get("selected") or kd_manifest.get("metrics", {}).get("selected"),
+                "selected": _selected(kd), "selected_prompted": _selected(kdp),
                 "held_out_ce": held_out["ce"], "held_out_accuracy": held_out["accuracy"]}
 
     with ThreadPoolExecutor(max_workers=min(jobs, len(ratios))) as pool:
