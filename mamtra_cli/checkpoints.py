@@ -396,16 +396,38 @@ def check_finite_weights(model, what: str, fix: str = "use an earlier checkpoint
                                 f"damaged or diverged — {fix}.")
 
 
-def save_model_dir(directory: Path, config, state_dict: dict, manifest: dict) -> None:
-    """Write config.yaml, model.safetensors and (last) manifest.json into `directory`."""
+def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' `save_file`, byte-reproducible: it writes the metadata from a Rust HashMap, whose order
+    changes from process to process (two packs of the same weights had different sha256s). The header
+    (8-byte little-endian length, then compact JSON) is rewritten in place with the metadata keys sorted: same
+    length, same tensor entries and offsets, so nothing else in the file moves."""
+    import struct
+
     from safetensors.torch import save_file
 
+    path = Path(path)
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        body = raw.rstrip(b" ")  # the header is space-padded to a multiple of 8 bytes
+        header = json.loads(body)
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) == len(body) and canonical != body:
+            f.seek(8)
+            f.write(canonical)
+
+
+def save_model_dir(directory: Path, config, state_dict: dict, manifest: dict) -> None:
+    """Write config.yaml, model.safetensors and (last) manifest.json into `directory`."""
     directory = Path(directory)
     config.save(directory / CONFIG_FILE)
     # safetensors refuses tensors that share storage (tied weights) and non-contiguous views.
     tensors = {k: v.detach().contiguous().clone() if _shares_storage(v, state_dict) else v.detach().contiguous()
                for k, v in state_dict.items()}
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "mamtra": __version__})
+    save_safetensors(tensors, directory / WEIGHTS_FILE, {"format": "pt", "mamtra": __version__})
     write_json_atomic(directory / MANIFEST_FILE, manifest)
 
 

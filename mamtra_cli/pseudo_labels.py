@@ -13,8 +13,12 @@ text tokens are the mini's `CharTokenizer.encode(text)`, which is what the mini 
 for a text that it does not split (one sentence of at most 100 characters; longer lines are kept whole here).
 CosyVoice 2 teachers are refused for now.
 
-Generation is unprompted (CosyVoice's `inference_sft`-style prefix [sos, text, task_id], no prompt speech):
-a training-voice prompt would need the corpus audio, which is not available offline. Sampling is the mini
+Generation is unprompted (CosyVoice's `inference_sft`-style prefix [sos, text, task_id], no prompt speech)
+unless `prompts` names a data manifest of real utterances (speech tokens of the teacher's codec, e.g. the mini's
+`demo_distill.jsonl`): then utterance i continues a prompt drawn from it (random.Random(seed)), exactly as a
+zero-shot request does — the LM reads [sos, prompt text ++ text, task_id, prompt speech] — and the row written
+is the whole sequence (prompt text ++ text, prompt speech ++ sampled speech, the prompt's speaker), so a
+student distilled on it practises the context every user request puts it in. Sampling is the mini
 backend's (RAS, min 0.5× / max 4× the character count). Utterance i is sampled with seed `seed + i`
 (`SpeechLM.generate_batch`), so the output does not depend on the batch size.
 
@@ -127,9 +131,33 @@ class _Progress:
             self.next_pct = (pct // 10 + 1) * 10
 
 
+def read_prompts(path: Path, text_tokenizer: dict, speech_tokenizer: dict) -> tuple[list, str]:
+    """The utterances of data manifest `path` that can prompt a mini-family teacher (they need text and
+    speech tokens), and the file's sha256; tokens of another tokenizer are refused."""
+    from mamtra_cli.data_manifest import read_manifest
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Prompts manifest {path} does not exist; pass a data manifest (.jsonl) of real "
+                        "utterances, e.g. mamtra_cli/builtin/mini/demo_distill.jsonl.")
+    header, utts = read_manifest(path, text_tokenizer.get("vocab_size"))
+    for kind, theirs, ours in (("text", header.text_tokenizer, text_tokenizer),
+                               ("speech", header.speech_tokenizer, speech_tokenizer)):
+        if theirs is not None and theirs.get("sha256") != ours.get("sha256"):
+            raise UserError(f"Prompts manifest {path} holds tokens of another {kind} tokenizer "
+                            f"({theirs.get('name')}) than the teacher's ({ours.get('name')}); make the prompts "
+                            "with the teacher's tokenizers.")
+    usable = [u for u in utts if u.text_tokens and u.speech_tokens]
+    if not usable:
+        raise UserError(f"Prompts manifest {path} has no utterance with both text and speech tokens; a prompt "
+                        "needs both.")
+    return usable, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def pseudo_label(teacher: str | Path, texts: str | Path, count: int, out: Path, batch_size: int = 32,
                  max_tokens: int | None = None, keep_capped: bool = False, seed: int = 0,
-                 threads: int | None = None, force: bool = False, *, console=None) -> dict:
+                 threads: int | None = None, force: bool = False, prompts: Path | None = None, *,
+                 console=None) -> dict:
     """`mamtra pseudo-label`: sample `count` utterances of speech tokens from `teacher` (`mini`, a shipped
     hybrid such as `mini-1-1`, or a model dir of the mini family) for the texts of `texts` (a file, one text
     a line, or `mini-grammar`) and write OUT/data.jsonl (a data manifest whose header names the teacher's
@@ -174,12 +202,24 @@ def pseudo_label(teacher: str | Path, texts: str | Path, count: int, out: Path, 
     n_threads = apply_threads(threads, count_parameters(lm))
     cfg, sampling = lm.config, MINI_SAMPLING
     text_tokens = [tok.encode(t) for t in chosen]
+    # the prompt of utterance i (None: unprompted); drawn up front so the output does not depend on batch size
+    prompt_of: list = [None] * count
+    if prompts is not None:
+        import random
+
+        pool, prompts_sha = read_prompts(prompts, tok.describe(), speech_tok)
+        rng = random.Random(seed)
+        prompt_of = [rng.choice(pool) for _ in range(count)]
+        prompt_info = {"path": str(Path(prompts).resolve()), "sha256": prompts_sha, "utterances": len(pool),
+                       "draw": "random.Random(seed).choice per utterance",
+                       "row": "prompt text ++ text, prompt speech ++ sampled speech, the prompt's spk"}
 
     speech: list[list[int]] = []
     t0 = time.perf_counter()
     with _Progress(console, count) as progress, torch.inference_mode():
         for start in range(0, count, batch_size):
-            reqs = [(t, [], []) for t in text_tokens[start:start + batch_size]]
+            reqs = [(t, [], []) if p is None else (t, list(p.text_tokens), list(p.speech_tokens))
+                    for t, p in zip(text_tokens[start:start + batch_size], prompt_of[start:start + batch_size])]
             speech += lm.generate_batch(reqs, sampling=sampling, seed=seed + start, max_new_tokens=max_tokens)
             progress.advance(len(reqs))
     seconds = time.perf_counter() - t0
@@ -187,8 +227,8 @@ def pseudo_label(teacher: str | Path, texts: str | Path, count: int, out: Path, 
 
     kept: list[Utterance] = []
     capped, dropped = [], {"capped": 0, "empty": 0, "too_long": 0}
-    for i, (text, t, s) in enumerate(zip(chosen, text_tokens, speech)):
-        utt = f"pl_{i:06d}"
+    for i, (text, t, s, p) in enumerate(zip(chosen, text_tokens, speech, prompt_of)):
+        utt = f"pl_{i:06d}" if p is None else f"plp_{i:06d}_{p.utt}"
         limit = int(len(t) * sampling.max_token_text_ratio)
         if max_tokens is not None:
             limit = min(limit, max_tokens)
@@ -197,19 +237,25 @@ def pseudo_label(teacher: str | Path, texts: str | Path, count: int, out: Path, 
             capped.append(utt)
         if not s:
             dropped["empty"] += 1
-        elif 2 + len(t) + len(s) > cfg.max_position_embeddings:
+        elif 2 + len(t) + len(s) + (0 if p is None else len(p.text_tokens) + len(p.speech_tokens)) \
+                > cfg.max_position_embeddings:
             dropped["too_long"] += 1
         elif is_capped and not keep_capped:
             dropped["capped"] += 1
-        else:
+        elif p is None:
             kept.append(Utterance(utt, t, s, text))
+        else:  # the whole prompted sequence, as the LM read and wrote it
+            kept.append(Utterance(utt, list(p.text_tokens) + t, list(p.speech_tokens) + s,
+                                  None if p.text is None else p.text + text, p.spk))
     if not kept:
         raise UserError(f"All {count} utterances were dropped ({dropped['capped']} reached the cap on speech tokens "
                         "without a stop token); raise --max-tokens or pass --keep-capped.")
 
     params = {"count": count, "batch_size": batch_size, "max_tokens": max_tokens, "keep_capped": keep_capped,
-              "sampling": asdict(sampling), "prompt": "none (unprompted: [sos, text, task_id])",
+              "sampling": asdict(sampling),
+              "prompt": "none (unprompted: [sos, text, task_id])" if prompts is None else prompt_info,
               "text_tokens": "mini CharTokenizer.encode(text), one line = one utterance (no sentence split)"}
+    # `tokens` counts sampled speech tokens only (prompts excluded), so tokens/s is generation speed
     metrics = {"count": count, "kept": len(kept), "dropped": sum(dropped.values()), "dropped_by_reason": dropped,
                "capped": len(capped), "tokens": tokens, "seconds": round(seconds, 3),
                "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None, "threads": n_threads}

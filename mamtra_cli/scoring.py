@@ -15,7 +15,7 @@ import torch
 
 from mamtra_cli.data_manifest import Utterance
 from mamtra_cli.errors import UserError
-from mamtra_cli.models.speech_lm import SpeechLM
+from mamtra_cli.models.speech_lm import IGNORE_ID, SpeechLM
 
 
 def pad_batch(utts: list[Utterance]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,14 +47,27 @@ def check_utterance_lengths(utts: list[Utterance], max_positions: int, source: s
 
 @torch.inference_mode()
 def score_utterances(model: SpeechLM, utts: list[Utterance], batch_size: int = 8,
-                     progress: Callable[[int], None] | None = None, source: str = "the data") -> dict:
+                     progress: Callable[[int], None] | None = None, source: str = "the data",
+                     prompt_speech: dict[str, int] | None = None) -> dict:
+    """CE and accuracy of `model` on `utts`. `prompt_speech` (utt → P) marks rows whose first P speech tokens
+    are a prompt, as in a zero-shot request ([sos, prompt text ++ text, task_id, prompt speech, speech]): those
+    P targets are read but not scored, so the numbers are those of the continuation (and its eos) alone."""
     check_utterance_lengths(utts, model.config.max_position_embeddings, source)
     order = sorted(range(len(utts)), key=lambda i: -(len(utts[i].text_tokens) + len(utts[i].speech_tokens)))
     per_utt: dict[str, dict] = {}
     ce_total, tokens_total, correct_total = 0.0, 0, 0
     for start in range(0, len(order), batch_size):
         batch = [utts[i] for i in order[start:start + batch_size]]
-        out = model.forward_train(*pad_batch(batch))
+        if prompt_speech:
+            text, tl, speech, sl = pad_batch(batch)
+            embeds, _, targets = model.unistream_inputs(text, tl, speech, sl)  # targets (B, L)
+            for j, u in enumerate(batch):  # speech target k sits at 1 + T + k
+                p = prompt_speech.get(u.utt, 0)
+                targets[j, 1 + len(u.text_tokens): 1 + len(u.text_tokens) + p] = IGNORE_ID
+            hidden = model.backbone(embeds)
+            out = model.loss_from_logits(model.llm_decoder(hidden), targets, hidden)
+        else:
+            out = model.forward_train(*pad_batch(batch))
         for j, u in enumerate(batch):
             n = int(out.tokens_per_row[j])
             ce = float(out.ce_per_row[j])

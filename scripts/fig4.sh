@@ -3,7 +3,9 @@
 # teacher, the four shipped hybrids (1:1, 1:3, 1:5, 1:11, attention layers spread uniformly, the last of each
 # group) and a second placement of 1:1 and 1:3 (PLACEMENT, default "front": all attention layers at the bottom),
 # distilled here with the shipped recipe for STEPS steps on the pseudo-labels in WORK. `mamtra eval` scores them
-# all on the 120 held-out utterances and draws OUT/eval/ce_vs_wer.png with the least-squares line and Pearson r.
+# all on the 120 held-out utterances and draws OUT/eval/ce_vs_wer.png: held-out CE and prompted CE (each row's
+# ground truth behind its own prompt, as a request puts it) against WER, each with the least-squares line and
+# Pearson r.
 #
 # Usage: scripts/fig4.sh OUT [STEPS=600] [PLACEMENT=front] [WORK=/tmp/mamtra-build-hybrids/work]
 #   WORK is `mamtra build-hybrids --work`: its pseudo-labels are reused when they were made with the shipped

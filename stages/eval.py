@@ -42,7 +42,8 @@ def eval_(
     normalizer: Optional[str] = typer.Option(None, "--normalizer", help="Text normaliser for WER: whisper or basic "
                                              "(default: whisper with Whisper, basic with pocketsphinx)."),
     data: Optional[str] = typer.Option(None, "--data", help="Token manifest for CE of every model (mini-heldout: "
-                                       "the shipped held-out manifest)."),
+                                       "the shipped held-out manifest); its rows behind their list prompts give the "
+                                       "prompted CE."),
     out: Path = typer.Option(..., "--out", help="Output folder (reused on a rerun: finished utterances are kept)."),
     limit: int = typer.Option(0, "--limit", min=0, help="Only the first N rows of the list (0 = all)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed: row i is spoken with seed + i."),

@@ -21,6 +21,10 @@ def pseudo_label(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Cap on speech tokens per utterance (default: 4× its characters)."),
     keep_capped: bool = typer.Option(False, "--keep-capped", help="Keep utterances that hit the cap without a stop "
                                      "token (default: drop them; counted in manifest.json either way)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Data manifest of real utterances (e.g. "
+                                           "mamtra_cli/builtin/mini/demo_distill.jsonl): each utterance continues "
+                                           "one of them, drawn with the seed, as a zero-shot request does; the row "
+                                           "written is prompt ++ new text and speech."),
     seed: int = typer.Option(0, "--seed", help="Utterance i samples with seed+i; also draws the mini-grammar sentences."),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
@@ -28,8 +32,8 @@ def pseudo_label(
 ) -> None:
     """Sample speech tokens from TEACHER for COUNT texts and write OUT/data.jsonl, a data manifest for distill/score.
 
-    Generation is unprompted ([sos, text, task_id]); utterances ending without a stop token are dropped
-    unless --keep-capped.
+    Generation is unprompted ([sos, text, task_id]) unless --prompts; utterances ending without a stop token
+    are dropped unless --keep-capped.
 
     Example: mamtra pseudo-label --teacher mini --texts mini-grammar --count 2000 --out kd-data
     """
@@ -38,7 +42,7 @@ def pseudo_label(
     from mamtra_cli.pseudo_labels import pseudo_label as run
 
     r = run(teacher, texts, count, out, batch_size=batch_size, max_tokens=max_tokens, keep_capped=keep_capped,
-            seed=seed, threads=threads, force=force)
+            seed=seed, threads=threads, force=force, prompts=prompts)
     if json_out:
         print(json.dumps(r))
     else:

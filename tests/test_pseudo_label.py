@@ -149,3 +149,51 @@ def test_bad_inputs_are_one_sentence_errors(case, tmp_path, capsys):
                        args["count"], "--out", args["out"], "--threads", "1")
     assert code == 2 and want in one_error(err)
     assert case == "exists" or not (tmp_path / "out").exists()
+
+
+def test_prompted_rows_are_the_prompt_then_what_the_teacher_says_after_it(tmp_path, capsys):
+    """--prompts: row i is a real utterance (its text, speech and speaker) followed by the new text and the
+    speech the teacher samples after that prompt, exactly what a zero-shot request of it would draw."""
+    import torch
+
+    from mamtra_cli.mini.backend import MINI_SAMPLING
+    from mamtra_cli.models.speech_lm import load_model_dir
+
+    real = BUILTIN_DIR / "demo_distill.jsonl"
+    _, pool = read_manifest(real)
+    by_id = {u.utt: u for u in pool}
+    outs = {}
+    for bs in (1, 3):
+        code, out, err = run(capsys, *TOY[:-2], "--count", "3", "--threads", "1", "--seed", "4", "--prompts", real,
+                             "--batch-size", bs, "--out", tmp_path / f"p{bs}", "--json")
+        assert code == 0, err
+        outs[bs] = json.loads(out)
+    assert (tmp_path / "p1" / "data.jsonl").read_bytes() == (tmp_path / "p3" / "data.jsonl").read_bytes()
+    _, utts = read_manifest(tmp_path / "p3" / "data.jsonl", text_vocab=49, speech_vocab=_SPEECH_VOCAB)
+    assert len(utts) == outs[3]["kept"] >= 1
+    texts, _ = grammar_texts(3, 4)
+    tok = CharTokenizer.load(BUILTIN_DIR)
+    lm = load_model_dir(BUILTIN_DIR)
+    prompts_used = set()
+    for u in utts:
+        i = int(u.utt.split("_")[1])
+        p = by_id[u.utt.split("_", 2)[2]]
+        prompts_used.add(p.utt)
+        new_text = tok.encode(texts[i])
+        assert u.text_tokens == p.text_tokens + new_text and u.spk == p.spk and u.text == p.text + texts[i]
+        assert u.speech_tokens[:len(p.speech_tokens)] == p.speech_tokens
+        with torch.inference_mode():
+            alone = lm.generate(new_text, p.text_tokens, p.speech_tokens, sampling=MINI_SAMPLING, seed=4 + i)
+        assert u.speech_tokens[len(p.speech_tokens):] == alone and alone
+    assert len(prompts_used) > 1  # drawn, not one fixed prompt
+    m = json.loads((tmp_path / "p3" / "manifest.json").read_text())
+    assert m["parameters"]["prompt"]["utterances"] == len(pool) and m["parameters"]["prompt"]["sha256"]
+    # a manifest of other tokenizers cannot prompt the mini
+    other = tmp_path / "other.jsonl"
+    header = json.loads(real.read_text().splitlines()[0])
+    header["speech_tokenizer"]["sha256"] = "0" * 64
+    other.write_text(json.dumps(header) + "\n" + real.read_text().splitlines()[1] + "\n")
+    code, _, err = run(capsys, *TOY, "--prompts", other, "--out", tmp_path / "bad")
+    assert code == 2 and "another speech tokenizer" in one_error(err) and not (tmp_path / "bad").exists()
+    code, _, err = run(capsys, *TOY, "--prompts", tmp_path / "nope.jsonl", "--out", tmp_path / "bad")
+    assert code == 2 and "does not exist" in one_error(err)

@@ -60,23 +60,32 @@ def plot_wer_sim(result: dict, path: Path) -> Path:
 
 
 def plot_ce_vs_wer(result: dict, path: Path) -> Path:
+    """One panel of held-out CE against WER (a point a model, least-squares line, Pearson r), and a second of
+    prompted CE against WER when the models have it."""
     import numpy as np
 
     plt = _pyplot()
-    pts = [(s["ce"], s["wer"], s["name"]) for s in result["systems"] if s.get("ce") is not None and s["wer"] is not None]
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    x, y = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
-    ax.scatter(x, y, color="tab:blue")
-    for cx, wy, name in pts:
-        ax.annotate(name, (cx, wy), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    r = result.get("pearson_ce_wer")
-    if len(pts) >= 2 and np.std(x) > 0:
-        slope, intercept = np.polyfit(x, y, 1)
-        xs = np.linspace(x.min(), x.max(), 10)
-        ax.plot(xs, slope * xs + intercept, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel(f"CE on {Path(result['data']).name}" if result.get("data") else "CE")
-    ax.set_ylabel(f"WER ({result['asr']['name']})")
-    ax.set_title("CE vs WER" + (f" · Pearson r = {r:.3f}" if r is not None else " (r needs ≥ 3 models)"))
+    panels = [("ce", "pearson_ce_wer", f"CE on {Path(result['data']).name}" if result.get("data") else "CE"),
+              ("ce_prompted", "pearson_prompted_ce_wer", "prompted CE (rows behind their prompts)")]
+    panels = [p for p in panels if sum(s.get(p[0]) is not None and s["wer"] is not None
+                                       for s in result["systems"]) >= 1]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (key, r_key, label) in zip(axes[0], panels):
+        pts = [(s[key], s["wer"], s["name"]) for s in result["systems"]
+               if s.get(key) is not None and s["wer"] is not None]
+        x, y = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+        ax.scatter(x, y, color="tab:blue")
+        for cx, wy, name in pts:
+            ax.annotate(name, (cx, wy), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        r = result.get(r_key)
+        if len(pts) >= 2 and np.std(x) > 0:
+            slope, intercept = np.polyfit(x, y, 1)
+            xs = np.linspace(x.min(), x.max(), 10)
+            ax.plot(xs, slope * xs + intercept, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"WER ({result['asr']['name']})")
+        ax.set_title(("CE" if key == "ce" else "prompted CE") + " vs WER"
+                     + (f" · Pearson r = {r:.3f}" if r is not None else " (r needs ≥ 3 models)"))
     fig.tight_layout()
     try:
         return _save(fig, path)

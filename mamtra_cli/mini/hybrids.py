@@ -60,7 +60,6 @@ def pack_hybrid(model_dir: Path, out_dir: Path, base_dir: Path = BUILTIN_DIR, ma
     base) and manifest.json (`manifest`, the producer's record, plus "base" and "own_weights"). Written into a
     temporary sibling and renamed into place. Returns {"out", "own_tensors", "own_bytes", "shared_tensors",
     "model_bytes", "base_sha256"}."""
-    from safetensors.torch import save_file
 
     from mamtra_cli import __version__, checkpoints
     from mamtra_cli.mini.backend import MiniBackend
@@ -82,8 +81,8 @@ def pack_hybrid(model_dir: Path, out_dir: Path, base_dir: Path = BUILTIN_DIR, ma
     record["base"] = {"name": BASE_NAME, "weights_sha256": base_sha}
     with checkpoints.staged_output(out_dir, force) as tmp:
         shutil.copyfile(model_dir / CONFIG_FILE, tmp / CONFIG_FILE)
-        save_file(own, str(tmp / OWN_WEIGHTS), metadata={"format": "pt", "mamtra": __version__,
-                                                         "base_weights_sha256": base_sha})
+        checkpoints.save_safetensors(own, tmp / OWN_WEIGHTS, {"format": "pt", "mamtra": __version__,
+                                                               "base_weights_sha256": base_sha})
         os.chmod(tmp / OWN_WEIGHTS, 0o644)  # shipped in the package: readable by every user of an installation
         record["own_weights"] = {"tensors": len(own), "bytes": (tmp / OWN_WEIGHTS).stat().st_size,
                                  "sha256": file_sha256(tmp / OWN_WEIGHTS)}
@@ -202,8 +201,6 @@ def _is_complete(d: Path) -> bool:
 def _build(tmp: Path, src: Path, shipped: dict, record: dict) -> None:
     """Write config.yaml, model.safetensors (teacher ∪ own tensors, checked against the config), the voice
     files (links) and manifest.json (last) into `tmp`."""
-    from safetensors.torch import save_file
-
     from mamtra_cli import __version__, checkpoints
 
     own = checkpoints.load_weights_file(src / OWN_WEIGHTS, REBUILD_HINT)
@@ -218,8 +215,8 @@ def _build(tmp: Path, src: Path, shipped: dict, record: dict) -> None:
         raise UserError(f"Built-in hybrid {record['name']} does not match its config.yaml ({problems}); "
                         f"{REBUILD_HINT}.")
     shutil.copyfile(src / CONFIG_FILE, tmp / CONFIG_FILE)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE),
-              metadata={"format": "pt", "mamtra": __version__})
+    checkpoints.save_safetensors({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHTS_FILE,
+                                 {"format": "pt", "mamtra": __version__})
     for f in VOICE_FILES:
         if not (BUILTIN_DIR / f).is_file():
             continue

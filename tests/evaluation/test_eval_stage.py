@@ -101,6 +101,15 @@ def test_ground_truth_codec_and_ce_rows(tmp_path, capsys):
 
     expected = score_utterances(load_model_dir(BUILTIN_DIR), read_manifest(BUILTIN_DIR / "demo_test.jsonl")[1])["ce"]
     assert gt["ce"] is None and teacher["ce"] == pytest.approx(expected, rel=1e-4)
+    # prompted CE: every row of the list behind its own prompt, the continuation scored
+    from mamtra_cli.evaluation.runner import prompted_utterances
+
+    rows, prompt_len = prompted_utterances(load_eval_list("mini-heldout").items,
+                                           read_manifest(BUILTIN_DIR / "demo_test.jsonl")[1])
+    assert len(rows) == 120
+    expected_p = score_utterances(load_model_dir(BUILTIN_DIR), rows, prompt_speech=prompt_len)["ce"]
+    assert gt["ce_prompted"] is None and teacher["ce_prompted"] == pytest.approx(expected_p, rel=1e-4)
+    assert summary["pearson_prompted_ce_wer"] is None  # one model: no line to fit
     assert gt["rtf"] is None and codec["rtf"] > 0 and teacher["rtf"] > 0
     # the ground truth is the held-out recording: the prompts shipped with the list are rendered the same way
     rec = [json.loads(line) for line in (out / "utterances.jsonl").read_text().splitlines()]

@@ -102,6 +102,33 @@ def test_pack_stores_only_the_tensors_not_shared_with_the_teacher(hybrid_dir, pa
     assert not any(p.name.startswith(".") for p in root.iterdir())  # the temporary sibling is gone
 
 
+def test_packing_the_same_weights_twice_gives_the_same_bytes(hybrid_dir, packed, tmp_path):
+    """safetensors writes its metadata in a hash-map order that changes between calls; the packed file (whose
+    sha256 the manifest records and the cache keys on) must not."""
+    again = hybrids.pack_hybrid(hybrid_dir, tmp_path / "again", manifest=json.loads(
+        (packed[0] / NAME / checkpoints.MANIFEST_FILE).read_text()))
+    first = (packed[0] / NAME / hybrids.OWN_WEIGHTS).read_bytes()
+    assert (tmp_path / "again" / hybrids.OWN_WEIGHTS).read_bytes() == first and again["own_bytes"] == len(first)
+
+
+def test_save_safetensors_writes_sorted_metadata_and_loads_back(tmp_path):
+    from safetensors import safe_open
+
+    tensors = {"b": torch.arange(5.0), "a": torch.ones(2, 3, dtype=torch.float16)}
+    meta = {"zeta": "1", "format": "pt", "alpha": "x" * 13, "mamtra": "0.1", "m2": "y"}
+    blobs = set()
+    for i in range(8):  # a new hash-map order is likely among 8 saves of 5 keys (24 of 120 orders seen in trials)
+        path = tmp_path / f"w{i}.safetensors"
+        checkpoints.save_safetensors(tensors, path, dict(reversed(meta.items())) if i % 2 else meta)
+        blobs.add(path.read_bytes())
+    assert len(blobs) == 1
+    header = json.loads(blobs.pop()[8:].split(b"}}", 1)[0] + b"}}")
+    assert list(header["__metadata__"]) == sorted(meta)
+    with safe_open(str(tmp_path / "w3.safetensors"), "pt") as f:
+        assert f.metadata() == meta
+        assert torch.equal(f.get_tensor("a"), tensors["a"]) and torch.equal(f.get_tensor("b"), tensors["b"])
+
+
 def test_names_are_the_complete_folders_in_ratio_order(tmp_path, monkeypatch):
     for name in ("mini-1-11", "mini-1-3", "mini-1-1", "mini-1-5", "incomplete"):
         (tmp_path / name).mkdir()
