@@ -41,12 +41,12 @@ def build_hybrids(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Distil the shipped hybrids of the built-in mini voice: pseudo-label → transfer → distill (Mamba layers
-    only, best validation CE) → distill again with prompted practice (joined same-speaker pairs) → score →
-    pack (only the tensors not shared with the teacher).
+    only, best validation CE) → distill again with prompted practice (joined same-speaker pairs, the teacher
+    continuing real prompts) → score → pack (only the tensors not shared with the teacher).
 
-    About 20 minutes per hybrid (600 steps) plus 8 for the prompted phase (200 steps on joined same-speaker
-    pairs) on one core of a 2-core CPU, after 7 minutes of pseudo-labels; --jobs 2 runs two at a time (all
-    four: about 70 minutes)."""
+    About 30 minutes per hybrid (600 steps) plus 20 for the prompted phase (400 steps with joined same-speaker
+    pairs and prompted pseudo-labels) on one core of a 2-core CPU, after 15–25 minutes of pseudo-labels; --jobs 2
+    runs two at a time (all four: about 2 hours)."""
     import json
 
     from mamtra_cli.mini.build_hybrids import TOY_RECIPE

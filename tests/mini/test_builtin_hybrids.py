@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(not (BUILTIN_DIR / "model.safetensors").is_file(
                                 reason="the built-in mini voice is not in this checkout (mamtra build-mini)")
 
 NAME = "mini-1-1"
+SHIPPED_DIR = hybrids.HYBRIDS_DIR  # the real one: the autouse fixture below points HYBRIDS_DIR elsewhere
 MAMBA_KEY = "backbone.layers.0.mamba.out_proj.weight"  # layer 0 is Mamba in a 1:1 hybrid (uniform placement)
 ATTN_KEY = "backbone.layers.1.self_attn.q_proj.weight"  # layer 1 stays attention, copied from the teacher
 
@@ -127,6 +128,21 @@ def test_save_safetensors_writes_sorted_metadata_and_loads_back(tmp_path):
     with safe_open(str(tmp_path / "w3.safetensors"), "pt") as f:
         assert f.metadata() == meta
         assert torch.equal(f.get_tensor("a"), tensors["a"]) and torch.equal(f.get_tensor("b"), tensors["b"])
+
+
+def test_the_shipped_hybrids_are_what_the_documented_command_builds():
+    """`mamtra build-hybrids --out mamtra_cli/builtin/hybrids --force` (README) runs the default Recipe: a
+    shipped hybrid packed under another recipe would not be what that command rebuilds."""
+    from dataclasses import asdict
+
+    from mamtra_cli.mini.build_hybrids import RATIOS, Recipe
+
+    expected = json.loads(json.dumps(asdict(Recipe())))  # tuples → lists, as in the manifest
+    for ratio in RATIOS:
+        name = "mini-" + ratio.replace(":", "-")
+        manifest = json.loads((SHIPPED_DIR / name / "manifest.json").read_text())
+        assert manifest["parameters"]["recipe"] == expected, name
+        assert manifest["parameters"]["ratio"] == ratio and manifest["parameters"]["placement"] == "uniform"
 
 
 def test_names_are_the_complete_folders_in_ratio_order(tmp_path, monkeypatch):

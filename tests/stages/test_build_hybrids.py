@@ -1,5 +1,6 @@
 """`mamtra build-hybrids` at toy size, as a user runs it (a fresh process): pseudo-label → transfer → distill
-(Mamba layers only, best val CE) → distill again with joined same-speaker pairs (the prompted phase) → score → pack. The packed hybrid holds exactly the Mamba tensors, materialises
+(Mamba layers only, best val CE) → distill again with joined same-speaker pairs and prompted pseudo-labels (the
+prompted phase) → score → pack. The packed hybrid holds exactly the Mamba tensors, materialises
 bit-identically to the distilled model, and its manifest lists commands that rebuild it; a second run reuses
 every phase of its --work cache."""
 
@@ -11,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from mamtra_cli import checkpoints
+from mamtra_cli.data_manifest import read_manifest
 from mamtra_cli.mini import BUILTIN_DIR
 from tests.stages.harness import one_error, run
 
@@ -55,12 +57,19 @@ def test_build_hybrids_toy_end_to_end(tmp_path, monkeypatch):
     # the manifest records the commands, the recipe and the data hashes
     manifest = json.loads((out / "mini-1-3" / "manifest.json").read_text())
     steps = [c.split()[1] if c.startswith("mamtra ") else c.split()[0] for c in manifest["commands"]]
-    assert steps == ["pseudo-label", "pseudo-label", "(joined:", "score", "transfer", "distill", "distill", "score"]
-    prompted = manifest["commands"][6]
+    assert steps == ["pseudo-label"] * 4 + ["(joined:", "score", "transfer", "distill", "distill", "score"]
+    assert all("--prompts" in c for c in manifest["commands"][2:4]) and "--prompts" not in manifest["commands"][0]
+    prompted = manifest["commands"][8]
     assert f"--student {work / 'mini-1-3' / 'kd'} " in prompted and "joined/train.jsonl" in prompted
+    assert "plp-train/data.jsonl" in prompted and "plp-train" not in manifest["commands"][7]
+    _, plp = read_manifest(work / "plp-train" / "data.jsonl")
+    assert len(plp) == 6 and all(u.utt.startswith("plp_") and u.spk for u in plp)
+    _, val = read_manifest(work / "joined" / "val.jsonl")  # pseudo-labels + joined pairs + prompted pseudo-labels
+    assert sum(u.utt.startswith("plp_") for u in val) == 3 and sum(u.utt.startswith("joined-val") for u in val) == 4
     assert manifest["parameters"]["recipe"]["train"] == "mamba" and manifest["base"]["name"] == "mini"
     assert all(len(manifest["inputs"][k]["sha256"]) == 64 for k in ("real_data", "pseudo_train", "pseudo_val",
-                                                                   "joined_train", "joined_val"))
+                                                                   "joined_train", "joined_val",
+                                                                   "prompted_pseudo_train", "prompted_pseudo_val"))
     assert manifest["metrics"]["held_out_ce"] == pytest.approx(row["held_out_ce"], abs=1e-4)
 
     # a second run with the same settings reuses the pseudo-labels, the transfer and both distillations
