@@ -60,7 +60,6 @@ def pack_hybrid(model_dir: Path, out_dir: Path, base_dir: Path = BUILTIN_DIR, ma
     base) and manifest.json (`manifest`, the producer's record, plus "base" and "own_weights"). Written into a
     temporary sibling and renamed into place. Returns {"out", "own_tensors", "own_bytes", "shared_tensors",
     "model_bytes", "base_sha256"}."""
-
     from mamtra_cli import __version__, checkpoints
     from mamtra_cli.mini.backend import MiniBackend
 
