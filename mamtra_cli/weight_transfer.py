@@ -2,8 +2,9 @@
 
 Layouts. A ratio `1:k` over L layers keeps L/(k+1) attention layers (an error if it does not divide).
 Placements: `uniform` (attention last in each group of k+1: for 24 layers and 1:1 the odd layers, for 1:3
-layers 3, 7, …, 23 — MambaInLlama's layout), `uniform-first` (first in each group), `front`, `back`, or an
-explicit list of attention layer indices.
+layers 3, 7, …, 23 — MambaInLlama's layout), `uniform-first` (first in each group), `front`, `back`,
+`importance` (measured: keep the layers whose replacement alone hurts the teacher most, `layer_importance`),
+or an explicit list of attention layer indices.
 
 Init. `reused`: for each replaced layer C ← W_Q (+ Q bias), B ← W_K (+ K bias), x ← W_V (+ V bias),
 out_proj ← W_O; z, dt, dt_bias, A_log, D, conv, gate norm get Mamba's usual init. `xavier` / `kaiming`
@@ -27,7 +28,8 @@ from mamtra_cli.errors import UserError
 from mamtra_cli.models.config import ATTENTION, MAMBA, ModelConfig
 from mamtra_cli.models.speech_lm import SpeechLM
 
-PLACEMENTS = ("uniform", "uniform-first", "front", "back")
+PLACEMENTS = ("uniform", "uniform-first", "front", "back", "importance")
+FIXED_PLACEMENTS = PLACEMENTS[:4]  # laid out from the layer count alone; `importance` needs data
 INITS = ("reused", "xavier", "kaiming")
 
 
@@ -39,7 +41,10 @@ def parse_ratio(ratio: str) -> int:
     return int(m.group(1))
 
 
-def attention_layers_for(num_layers: int, k: int, placement: str) -> list[int]:
+def attention_layers_for(num_layers: int, k: int, placement: str,
+                         importance: list[dict] | None = None) -> list[int]:
+    """The attention layers of a 1:k layout. `importance` (`layer_importance`'s records) is what the
+    `importance` placement ranks by: the L/(k+1) layers with the largest CE increase, ties to the lower index."""
     if placement not in PLACEMENTS:
         raise UserError(f"Unknown --placement {placement!r}; use one of {', '.join(PLACEMENTS)} "
                         "or --attention-layers.")
@@ -53,7 +58,46 @@ def attention_layers_for(num_layers: int, k: int, placement: str) -> list[int]:
         return [g * group for g in range(n_attn)]
     if placement == "front":
         return list(range(n_attn))
+    if placement == "importance":
+        if importance is None:
+            raise UserError("--placement importance measures every layer on data; give --probe-data MANIFEST "
+                            "(a few dozen utterances of the teacher's kind).")
+        if len(importance) < n_attn:
+            raise UserError(f"Ratio 1:{k} keeps {n_attn} attention layers but the teacher has only "
+                            f"{len(importance)}; choose a higher k.")
+        ranked = sorted(importance, key=lambda r: (-r["ce_increase"], r["layer"]))
+        return sorted(r["layer"] for r in ranked[:n_attn])
     return list(range(num_layers - n_attn, num_layers))
+
+
+def layer_importance(teacher: SpeechLM, utts: list, seed: int = 0, batch_size: int = 8,
+                     progress=None) -> list[dict]:
+    """How much the teacher relies on each of its attention layers: for every attention layer i, the teacher
+    with layer i alone replaced by its attention-initialised Mamba (`transfer(..., init="reused")`, untrained)
+    is scored on `utts` (`scoring.score_utterances`, teacher forcing). Returns one record per attention layer,
+    {layer, ce, ce_increase} (CE in nats per speech token, increase over the unchanged teacher's).
+
+    Why this ranks layers: the Mamba layers are trained afterwards and the kept attention layers are not, so
+    the layers worth keeping are those whose job a transferred Mamba does worst. On the mini voice (12 layers,
+    400 real utterances) replacing layer 5 or 0 alone raised CE from 2.72 to 6.36 / 6.32 and layer 9 or 11
+    to 3.41 / 3.63. Distilled alike, the 1:3 hybrid with `uniform` layers 3, 7, 11 had Whisper WER 0.957 and with
+    these layers (0, 3, 5) 0.663, the teacher 0.531 (issue 13's notes)."""
+    from mamtra_cli.scoring import score_utterances
+
+    if not utts:
+        raise UserError("The --probe-data manifest has no utterances; give a few dozen.")
+    base = score_utterances(teacher, utts, batch_size=batch_size)["ce"]
+    types = teacher.config.layer_types
+    attention = [i for i, t in enumerate(types) if t == ATTENTION]
+    records = []
+    for i in attention:
+        student, _ = transfer(teacher, [j for j in attention if j != i], init="reused", seed=seed)
+        ce = score_utterances(student, utts, batch_size=batch_size)["ce"]
+        records.append({"layer": i, "ce": ce, "ce_increase": ce - base})
+        del student
+        if progress:
+            progress(i)
+    return records
 
 
 def parse_layer_list(text: str, num_layers: int) -> list[int]:
@@ -167,15 +211,16 @@ def count_changed_layers(teacher: nn.Module, student: nn.Module) -> list[int]:
 def transfer_to_dir(teacher: str | Path, out: Path, ratio: str | None = None, profile: str | None = None,
                     placement: str = "uniform", attention_layers: str | list[int] | None = None, init: str = "reused",
                     config_json: Path | None = None, seed: int = 0, threads: int | None = None, force: bool = False,
-                    *, console=None) -> dict:
+                    probe_data: Path | None = None, *, console=None) -> dict:
     """`mamtra transfer`: load `teacher` (`mini`, a CosyVoice 2 dir, an llm.pt with `config_json`, or a MamTra
     model dir), replace some attention layers with Mamba-2 layers initialised from them, and write the hybrid
     to the model directory `out`. Returns the summary that `mamtra transfer --json` prints.
 
     Exactly one of `ratio` ("1:k", laid out by `placement`), `profile` (a layout profile name or YAML path)
     or `attention_layers` (indices, as a list or "3,7,11") says which layers stay attention. `init`: reused
-    (C←Q, B←K, x←V, out←O) | xavier | kaiming; `seed` draws the fresh Mamba parameters. `console` (rich)
-    gets progress and the final line; default stderr.
+    (C←Q, B←K, x←V, out←O) | xavier | kaiming; `seed` draws the fresh Mamba parameters. `probe_data` (a data
+    manifest) is what placement `importance` scores each layer on (`layer_importance`); its table goes to the
+    summary and the manifest. `console` (rich) gets progress and the final line; default stderr.
     """
     from rich.markup import escape
 
@@ -195,6 +240,17 @@ def transfer_to_dir(teacher: str | Path, out: Path, ratio: str | None = None, pr
         attention_layers = ",".join(str(i) for i in attention_layers)
     checkpoints.check_output_dir(out, force)
     k = parse_ratio(ratio) if ratio is not None else None
+    if placement not in PLACEMENTS:
+        attention_layers_for(2, 1, placement)  # the one message for an unknown placement
+    if probe_data is not None and (placement != "importance" or ratio is None):
+        raise UserError("--probe-data is read only by --ratio with --placement importance; drop it or use both.")
+    probe_utts = None
+    if placement == "importance" and ratio is not None:
+        if probe_data is None:
+            attention_layers_for(2, 1, placement)  # says to give --probe-data
+        from mamtra_cli.data_manifest import read_manifest
+
+        _, probe_utts = read_manifest(Path(probe_data))  # before the teacher loads: a bad file fails fast
 
     with console.status("loading teacher"):
         model, info = load_teacher(str(teacher), config_json)
@@ -211,7 +267,22 @@ def transfer_to_dir(teacher: str | Path, out: Path, ratio: str | None = None, pr
         layers = parse_layer_list(",".join(map(str, prof["attention_layers"])), n)
         placement_used = prof.get("placement", "explicit")
     else:
-        layers = attention_layers_for(n, k, placement)
+        importance = None
+        if probe_utts is not None:
+            from mamtra_cli.scoring import check_utterance_lengths
+
+            from mamtra_cli.data_manifest import read_manifest
+
+            cfg = model.config  # read again with the teacher's vocabularies: a token it has no row for is refused
+            _, probe_utts = read_manifest(Path(probe_data), text_vocab=cfg.text_vocab_size,
+                                          speech_vocab=cfg.speech_token_size)
+            check_utterance_lengths(probe_utts, cfg.max_position_embeddings, str(probe_data))
+            attention_layers_for(n, k, "uniform")  # a ratio that does not divide is refused before the probe
+            n_attn = sum(t == ATTENTION for t in model.config.layer_types)
+            with console.status(f"probing {n_attn} attention layers on {len(probe_utts)} utterances") as st:
+                importance = layer_importance(model, probe_utts, seed=seed,
+                                              progress=lambda i: st.update(f"probed layer {i} of {n_attn}"))
+        layers = attention_layers_for(n, k, placement, importance)
         placement_used = placement
 
     with console.status(f"transferring ({init} init)"):
@@ -222,10 +293,17 @@ def transfer_to_dir(teacher: str | Path, out: Path, ratio: str | None = None, pr
         "mamba_layers": student.config.mamba_layers, "init": init, "placement": placement_used,
         "parameters": counts, "teacher_parameters": parameter_counts(model), "threads": n_threads,
     }
+    probe = None
+    if placement_used == "importance" and attention_layers is None and profile is None:
+        pd = Path(probe_data)
+        probe = {"data": checkpoints.file_fingerprint(pd) if pd.is_file() else {"path": str(pd.resolve())},
+                 "utterances": len(probe_utts),
+                 "layers": importance}
+        summary["importance"] = importance
     manifest = checkpoints.run_manifest(
         "transfer", inputs={"teacher": info}, seed=seed,
         parameters={"ratio": ratio, "profile": profile, "placement": placement_used,
-                    "attention_layers": layers, "init": init},
+                    "attention_layers": layers, "init": init, **({"probe": probe} if probe else {})},
         outputs={"layers": records, "parameters": counts},
     )
     with checkpoints.staged_output(out, force) as tmp:

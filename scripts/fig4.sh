@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The paper's Fig. 4 at mini scale: held-out CE against Whisper tiny.en WER, one point per model — the mini
-# teacher, the four shipped hybrids (1:1, 1:3, 1:5, 1:11, attention layers spread uniformly, the last of each
-# group) and a second placement of 1:1 and 1:3 (PLACEMENT, default "front": all attention layers at the bottom),
+# teacher, the four shipped hybrids (1:1 with its attention layers spread uniformly, the last of each group; 1:3,
+# 1:5 and 1:11 with the layers the teacher leans on most, `transfer --placement importance`) and a second
+# placement of 1:1 and 1:3 (PLACEMENT, default "front": all attention layers at the bottom),
 # distilled here with the shipped recipe for STEPS steps on the pseudo-labels in WORK. `mamtra eval` scores them
 # all on the 120 held-out utterances and draws OUT/eval/ce_vs_wer.png: held-out CE and prompted CE (each row's
 # ground truth behind its own prompt, as a request puts it) against WER, each with the least-squares line and
@@ -22,6 +23,6 @@ mamtra build-hybrids --ratios 1:1,1:3 --placement "$placement" --steps "$steps" 
 for r in 1-1 1-3; do  # a bundle (LM + the mini codec) is what `mamtra eval --model` speaks with
   mamtra export --model "$work/mini-$r-$placement/kd-prompted" --assets mini --out "$out/mini-$r-$placement.bundle" --force
 done
-mamtra eval --list mini-heldout --data mini-heldout --out "$out/eval" --threads 1 \
+mamtra eval --list mini-heldout --data mini-heldout --out "$out/eval" --threads 1 --baseline mini \
   --model mini --model mini-1-1 --model mini-1-3 --model mini-1-5 --model mini-1-11 \
   --model "mini-1-1-$placement=$out/mini-1-1-$placement.bundle" --model "mini-1-3-$placement=$out/mini-1-3-$placement.bundle"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Optional
+
 import typer
 
 from mamtra_cli.mini.build_hybrids import DEFAULT_WORK, RATIOS, Recipe
@@ -31,9 +33,10 @@ def build_hybrids(
     steps: int = typer.Option(_R.steps, "--steps", min=1, help="Distillation steps per hybrid (4096 tokens each)."),
     lr: float = typer.Option(_R.lr, "--lr", help="Peak learning rate (cosine after a linear warm-up)."),
     jobs: int = typer.Option(2, "--jobs", min=1, help="Hybrids distilled side by side, one CPU thread each."),
-    placement: str = typer.Option("uniform", "--placement", help="Where the attention layers stay: uniform (the "
-                                  "shipped ones) | uniform-first | front | back; others than uniform are named "
-                                  "mini-1-K-PLACEMENT (for Fig. 4's placements)."),
+    placement: Optional[str] = typer.Option(None, "--placement", help="Where the attention layers stay, for every "
+                                            "ratio: uniform | uniform-first | front | back | importance. Default: "
+                                            "each shipped hybrid's own (1:1 uniform, the others importance); "
+                                            "another is named mini-1-K-PLACEMENT (Fig. 4's placements)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the pseudo-labels, the transfer and the distillation."),
     toy: bool = typer.Option(False, "--toy", help="Toy sizes for a smoke test: 16 pseudo-labelled utterances, "
                              "2 steps."),

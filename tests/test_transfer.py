@@ -93,3 +93,73 @@ def test_transfer_is_seeded(teacher):
 def test_unknown_init(teacher):
     with pytest.raises(UserError, match="init"):
         transfer(teacher, [1], init="orthogonal")
+
+
+def test_importance_placement_keeps_the_layers_with_the_largest_ce_increase():
+    records = [{"layer": i, "ce": 0.0, "ce_increase": inc} for i, inc in enumerate([3.0, 0.5, 2.0, 2.0, -0.1, 4.0])]
+    assert attention_layers_for(6, 1, "importance", records) == [0, 2, 5]  # 2 and 3 tie: the lower index
+    assert attention_layers_for(6, 2, "importance", records) == [0, 5]
+    assert attention_layers_for(6, 5, "importance", records) == [5]
+    with pytest.raises(UserError, match="--probe-data"):
+        attention_layers_for(6, 1, "importance")
+
+
+def _speech_rows(n, seed):
+    from mamtra_cli.data_manifest import Utterance
+
+    g = torch.Generator().manual_seed(seed)
+    return [Utterance(f"u{i}", torch.randint(0, 50, (5 + i,), generator=g).tolist(),
+                      torch.randint(0, 20, (8 + 2 * i,), generator=g).tolist()) for i in range(n)]
+
+
+def test_layer_importance_measures_each_layer_replaced_alone(teacher):
+    """A layer whose attention output projection is zero adds nothing to the residual stream, and neither does
+    the Mamba transferred from it (out_proj ← W_O = 0): replacing it alone must leave CE exactly as it was.
+    Every other record is the CE of the teacher with that one layer transferred, scored independently."""
+    import copy
+
+    from mamtra_cli.scoring import score_utterances
+    from mamtra_cli.weight_transfer import layer_importance
+
+    t = copy.deepcopy(teacher)
+    with torch.no_grad():
+        t.backbone.layers[2].self_attn.o_proj.weight.zero_()
+    utts = _speech_rows(6, 1)
+    records = layer_importance(t, utts, seed=4)
+    assert [r["layer"] for r in records] == [0, 1, 2, 3]
+    base = score_utterances(t, utts)["ce"]
+    assert abs(records[2]["ce_increase"]) < 1e-5 and records[2]["ce"] == pytest.approx(base, abs=1e-5)
+    for r in records:
+        assert r["ce_increase"] == pytest.approx(r["ce"] - base, abs=1e-9)
+    one, _ = transfer(t, [0, 2, 3], init="reused", seed=4)
+    assert records[1]["ce"] == pytest.approx(score_utterances(one, utts)["ce"], abs=1e-6)
+    assert max(abs(r["ce_increase"]) for r in records) > 1e-3  # the other layers do change the model
+
+
+def test_transfer_cli_importance_records_the_probe(tmp_path, capsys):
+    import json
+
+    from mamtra_cli.checkpoints import read_manifest
+    from mamtra_cli.data_manifest import write_manifest, ManifestHeader
+    from mamtra_cli.teachers.tiny import make_tiny_cosyvoice2_dir
+    from tests.stages.harness import one_error, run
+
+    d = make_tiny_cosyvoice2_dir(tmp_path / "cv2", layers=4, hidden=32, heads=4, kv_heads=2, intermediate=64,
+                                 text_vocab=50, speech_tokens=20, seed=3)
+    data = tmp_path / "probe.jsonl"
+    write_manifest(data, ManifestHeader(), _speech_rows(5, 2))
+    code, out, err = run(capsys, "transfer", "--teacher", str(d), "--ratio", "1:1", "--placement", "importance",
+                         "--probe-data", str(data), "--out", str(tmp_path / "h"), "--threads", "1", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    ranked = sorted(summary["importance"], key=lambda r: (-r["ce_increase"], r["layer"]))
+    assert summary["attention_layers"] == sorted(r["layer"] for r in ranked[:2])
+    manifest = read_manifest(tmp_path / "h")
+    assert manifest["parameters"]["probe"]["layers"] == summary["importance"]
+    assert manifest["parameters"]["probe"]["utterances"] == 5 and manifest["parameters"]["placement"] == "importance"
+    code, _, err = run(capsys, "transfer", "--teacher", str(d), "--ratio", "1:1", "--placement", "importance",
+                       "--out", str(tmp_path / "h2"), "--threads", "1")
+    assert code == 2 and "--probe-data" in one_error(err) and not (tmp_path / "h2").exists()
+    code, _, err = run(capsys, "transfer", "--teacher", str(d), "--ratio", "1:1", "--probe-data", str(data),
+                       "--out", str(tmp_path / "h3"), "--threads", "1")
+    assert code == 2 and "importance" in one_error(err)

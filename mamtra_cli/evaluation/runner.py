@@ -108,9 +108,14 @@ def parse_systems(models: list[str], wavs: list[str], ground_truth: bool | None,
             raise UserError(f"--codec {value} is not a mini codec directory (no codec.yaml); pass a mini voice or "
                             "the codec folder of `mamtra build-mini`.")
         systems.append(System(name, "codec", value))
+    from mamtra_cli.synthesis.backend import is_bundle
+
     for spec in models:
         name, value = split(spec, lambda s: s if is_builtin(s) else Path(s).name or s)
-        systems.append(System(name, "model", value, assets))
+        # --assets is for the models that borrow a codec or flow/HiFT; the built-in voice, the shipped hybrids and
+        # bundles carry their own, so one --assets serves a mixed row list (`--model mini --model h=DIR --assets mini`)
+        self_contained = is_builtin(value) or is_bundle(Path(value))
+        systems.append(System(name, "model", value, None if self_contained else assets))
     for spec in wavs:
         name, value = split(spec, lambda s: Path(s).name or s)
         if not Path(value).is_dir():
@@ -246,10 +251,12 @@ def pearson(x: list[float], y: list[float]) -> float | None:
 
 def evaluate(lst: EvalList, systems: list[System], out: Path, asr, speaker_model=None, normalizer_name: str | None = None,
              data: Path | None = None, seed: int = 0, limit: int | None = None, max_tokens: int | None = None,
-             log: Callable[[str], None] = lambda m: None,
+             baseline: str | None = None, log: Callable[[str], None] = lambda m: None,
              progress: Callable[[str, int, int], None] = lambda name, done, total: None) -> dict:
     """Evaluate every system on the first `limit` rows of `lst` into `out` (see the module docstring) and return
-    the summary (also written to out/summary.json)."""
+    the summary (also written to out/summary.json). `baseline` (a system's name): every other system's WER is
+    also given as its difference from that system's on the same rows, with a paired-bootstrap 95 % interval
+    (`wer.paired_bootstrap`)."""
     from mamtra_cli.checkpoints import write_json_atomic
     from mamtra_cli.evaluation.speaker import cosine
     from mamtra_cli.evaluation.wer import normalizer, summarize, word_errors
@@ -257,6 +264,9 @@ def evaluate(lst: EvalList, systems: list[System], out: Path, asr, speaker_model
 
     items = lst.items[: limit] if limit else lst.items
     check_system_inputs(lst, systems, limit)
+    if baseline is not None and baseline not in [s.name for s in systems]:
+        raise UserError(f"--baseline {baseline} is not one of the systems evaluated "
+                        f"({', '.join(s.name for s in systems)}); give one of their names.")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory; choose a folder for the evaluation.")
@@ -280,6 +290,7 @@ def evaluate(lst: EvalList, systems: list[System], out: Path, asr, speaker_model
                 prompt_embeddings[str(ref)] = speaker_model.embed(load_audio(ref, ASR_RATE))
             return prompt_embeddings[str(ref)]
         summaries = []
+        row_wers: dict[str, list[float]] = {}  # system → per-utterance WER in list order (for --baseline)
         with open(records_path, "a", encoding="utf-8") as sink, ThreadPoolExecutor(max_workers=1) as scorer:
             for system in systems:
                 system.fingerprint = _fingerprint(system)
@@ -333,11 +344,19 @@ def evaluate(lst: EvalList, systems: list[System], out: Path, asr, speaker_model
                     for f in pending:
                         f.result()
                 rows = [records[it.utt] for it in items]
+                row_wers[system.name] = [r["wer"] for r in rows]
                 summary = _summarize_system(system, rows, summarize, ce_by_system.get(system.name, {}))
                 log(f"{system.name}: WER {summary['wer']:.3f}" + (f", SIM {summary['sim']:.3f}" if summary["sim"] is not None else "")
                     + (f", CE {summary['ce']:.3f}" if summary.get("ce") is not None else ""))
                 summaries.append(summary)
 
+        if baseline is not None:
+            from mamtra_cli.evaluation.wer import paired_bootstrap
+
+            for s in summaries:
+                if s["name"] != baseline and items:
+                    s["wer_vs_baseline"] = {"baseline": baseline,
+                                            **paired_bootstrap(row_wers[s["name"]], row_wers[baseline], seed=seed)}
         ce_points = [(s["ce"], s["wer"]) for s in summaries if s.get("ce") is not None and s["wer"] is not None]
         pce_points = [(s["ce_prompted"], s["wer"]) for s in summaries
                       if s.get("ce_prompted") is not None and s["wer"] is not None]
@@ -345,7 +364,7 @@ def evaluate(lst: EvalList, systems: list[System], out: Path, asr, speaker_model
             "list": lst.name, "utterances": len(items), "seed": seed, "max_tokens": max_tokens, "asr": asr_info, "normalizer": norm_name,
             "sim_model": sim_info, "data": str(data) if data is not None else None,
             "wer_definition": "wer = mean of per-utterance WER (Seed-TTS-eval); wer_corpus = all errors / all reference words",
-            "unintelligible_above_wer": UNINTELLIGIBLE_WER,
+            "unintelligible_above_wer": UNINTELLIGIBLE_WER, "baseline": baseline,
             "systems": summaries,
             "pearson_ce_wer": pearson([c for c, _ in ce_points], [w for _, w in ce_points]),
             "pearson_prompted_ce_wer": pearson([c for c, _ in pce_points], [w for _, w in pce_points]),
@@ -507,17 +526,31 @@ def format_table(result: dict) -> str:
     def f(v, digits=3):
         return "n/a" if v is None else f"{v:.{digits}f}"
 
-    lines = ["| system | WER | WER (corpus) | SIM | CE | prompted CE | RTF | utterances | words |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    base = result.get("baseline")
+
+    def vs(s: dict) -> str:
+        d = s.get("wer_vs_baseline")
+        if d is None:
+            return "(baseline)" if s["name"] == base else "n/a"
+        return f"{d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+
+    extra = [f"WER − {base} [95 % CI]"] if base else []
+    lines = ["| " + " | ".join(["system", "WER", *extra, "WER (corpus)", "SIM", "CE", "prompted CE", "RTF",
+                                "utterances", "words"]) + " |",
+             "|" + "---|" * (9 + len(extra))]
     for s in result["systems"]:
         flag = " (unintelligible)" if s["unintelligible"] else ""
-        lines.append(f"| {s['name']}{flag} | {f(s['wer'])} | {f(s['wer_corpus'])} | {f(s['sim'])} | {f(s['ce'])} | "
-                     f"{f(s.get('ce_prompted'))} | {f(s['rtf'])} | {s['utterances']} | {s['ref_words']} |")
+        cells = [f"{s['name']}{flag}", f(s["wer"]), *([vs(s)] if base else []), f(s["wer_corpus"]), f(s["sim"]),
+                 f(s["ce"]), f(s.get("ce_prompted")), f(s["rtf"]), str(s["utterances"]), str(s["ref_words"])]
+        lines.append("| " + " | ".join(cells) + " |")
     sim = result["sim_model"]["name"] if result["sim_model"] else "not measured"
     lines += ["", f"list {result['list']} ({result['utterances']} rows) · ASR {result['asr']['name']} · normaliser "
               f"{result['normalizer']} · SIM {sim}" + (f" · CE on {result['data']}" if result["data"] else ""),
               "WER = mean of per-utterance WER (Seed-TTS-eval); WER (corpus) = all errors ÷ all reference words; "
               f"rows above WER {result['unintelligible_above_wer']} are flagged unintelligible"]
+    if base:
+        lines.append(f"WER − {base}: the mean per-utterance difference on the same rows, 95 % interval from a "
+                     "paired bootstrap (10,000 resamples of the rows)")
     if result["data"]:
         lines.append("prompted CE = CE of each row's ground-truth speech tokens behind its own prompt (prompt text and "
                      "speech from the same manifest), as a zero-shot request puts them; the prompt is not scored")
@@ -534,7 +567,8 @@ def evaluate_list(list_spec: str | Path, out: Path, model: list[str] | str = (),
                   assets: Path | None = None, ground_truth: bool | None = None, codec_resynthesis: bool = False,
                   asr: str = "auto", sim: str = "auto", normalizer: str | None = None, data: str | Path | None = None,
                   limit: int = 0, seed: int = 0, max_tokens: int | None = None, batch_size: int = 1,
-                  threads: int = 1, codec: list[str] | str = (), *, console=None) -> dict:
+                  threads: int = 1, codec: list[str] | str = (), baseline: str | None = None, *,
+                  console=None) -> dict:
     """`mamtra eval`: load the list `list_spec` (a Seed-TTS-eval list file, or the built-in `mini-heldout`), the
     recogniser `asr` and the speaker model `sim`, then `evaluate` every system — each `model` ([NAME=]MODEL, as
     `mamtra synth --model`), each `wavs` folder ([NAME=]DIR), the ground truth and, with `codec_resynthesis`,
@@ -569,6 +603,9 @@ def evaluate_list(list_spec: str | Path, out: Path, model: list[str] | str = (),
     codec = [codec] if isinstance(codec, (str, Path)) else [str(c) for c in codec]
     systems = parse_systems(model, wavs, ground_truth, codec_resynthesis, lst, assets, codec)
     check_system_inputs(lst, systems, limit or None)
+    if baseline is not None and baseline not in [s.name for s in systems]:  # before the recogniser loads
+        raise UserError(f"--baseline {baseline} is not one of the systems evaluated "
+                        f"({', '.join(s.name for s in systems)}); give one of their names.")
     with console.status("loading the recogniser and the speaker model"):
         recogniser = load_asr(asr, threads=max(1, threads), batch_size=batch_size)
         dirs = [Path(a) for a in [assets] if a is not None and not is_builtin(a)]
@@ -595,6 +632,6 @@ def evaluate_list(list_spec: str | Path, out: Path, model: list[str] | str = (),
                 console.print(f"{name}: {done}/{total}", highlight=False)
 
         result = evaluate(lst, systems, out, recogniser, speaker, normalizer_name=normalizer, data=data_path,
-                          seed=seed, limit=limit or None, max_tokens=max_tokens,
+                          seed=seed, limit=limit or None, max_tokens=max_tokens, baseline=baseline,
                           log=lambda m: console.print(m, highlight=False, markup=False), progress=progress)
     return result

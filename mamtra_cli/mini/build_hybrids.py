@@ -9,7 +9,9 @@ hybrid's manifest lists the exact commands that made it, and any of them can be 
   1. pseudo-label  the teacher samples speech tokens for `count` new grammar sentences (sequence-level KD data)
                    and for `val_count` others (the validation set that picks the weights)     work/pl-train, pl-val
                    and, for phase 3b, continues real prompts (`--prompts`) for others     work/plp-train, plp-val
-  2. transfer      teacher → hybrid 1:k, Mamba layers initialised from attention (C←Q, B←K, x←V)  work/<name>/init
+  2. transfer      teacher → hybrid 1:k, Mamba layers initialised from attention (C←Q, B←K, x←V), the
+                   attention layers placed as SHIPPED_PLACEMENTS says (`importance`: probed on the 400 real
+                   utterances, `weight_transfer.layer_importance`)                           work/<name>/init
   3. distill       on the 400 shipped real utterances + the pseudo-labelled ones; only the Mamba layers train
                    (everything else stays the teacher's, which is what lets a hybrid ship as its Mamba layers
                    alone), the weights with the lowest validation CE are kept                  work/<name>/kd
@@ -40,6 +42,13 @@ from pathlib import Path
 from mamtra_cli.errors import UserError
 
 RATIOS = ("1:1", "1:3", "1:5", "1:11")
+# Where each shipped hybrid keeps its attention layers (k of 1:k → placement). The mini teacher leans on its
+# bottom half: replacing layer 5 or 0 alone by its transferred Mamba raised the CE of the 400 real utterances
+# from 2.72 to 6.36 / 6.32, layer 9 or 11 only to 3.41 / 3.63 (`mamtra transfer --placement importance`).
+# `uniform` keeps 3, 7, 11 at 1:3, 5, 11 at 1:5 and 11 alone at 1:11: Whisper WER 0.957, 0.635, 1.080 against the
+# teacher's 0.531 on the held-out list; `importance` keeps 0, 3, 5 / 0, 5 / 5: 0.663, 0.588, 0.651 (same recipe).
+# 1:1 (uniform: 1, 3, …, 11, layer 5 among them; 0.639) was not rebuilt; issue 13's notes give the measurements.
+SHIPPED_PLACEMENTS = {1: "uniform", 3: "importance", 5: "importance", 11: "importance"}
 DEFAULT_WORK = Path("/tmp/mamtra-build-hybrids/work")  # like build-mini's: never inside the package
 # glibc returns every freed buffer above its mmap threshold to the kernel, and the distillation step frees
 # several (batch × 6564-code logits, tens of MB each) per step: 40 % of a step's CPU time went to page faults
@@ -126,12 +135,20 @@ def joined_pairs(utts: list, count: int, seed: int, space_id: int, prefix: str =
     return rows
 
 
-def hybrid_name(ratio: str, placement: str = "uniform") -> str:
-    """"1:3" → "mini-1-3", the name a shipped hybrid is addressed by; another placement than the shipped
-    "uniform" is named too ("1:3", "front" → "mini-1-3-front"), so both can live in one work folder."""
+def shipped_placement(ratio: str) -> str:
+    """The placement of the shipped hybrid of `ratio` (SHIPPED_PLACEMENTS; `uniform` for other ratios)."""
     from mamtra_cli.weight_transfer import parse_ratio
 
-    return f"mini-1-{parse_ratio(ratio)}" + ("" if placement == "uniform" else f"-{placement}")
+    return SHIPPED_PLACEMENTS.get(parse_ratio(ratio), "uniform")
+
+
+def hybrid_name(ratio: str, placement: str | None = None) -> str:
+    """"1:3" → "mini-1-3", the name a shipped hybrid is addressed by; another placement than the shipped one
+    is named too ("1:3", "front" → "mini-1-3-front"), so both can live in one work folder."""
+    from mamtra_cli.weight_transfer import parse_ratio
+
+    k = parse_ratio(ratio)
+    return f"mini-1-{k}" + ("" if placement in (None, shipped_placement(ratio)) else f"-{placement}")
 
 
 def _phase_done(directory: Path, settings: dict) -> bool:
@@ -149,6 +166,13 @@ def _selected(model_dir: Path) -> dict | None:
     return m.get("selected") or m.get("metrics", {}).get("selected")
 
 
+def _attention_layers(model_dir: Path) -> list[int]:
+    from mamtra_cli.checkpoints import CONFIG_FILE
+    from mamtra_cli.models.config import ATTENTION, ModelConfig
+
+    return [i for i, t in enumerate(ModelConfig.load(Path(model_dir) / CONFIG_FILE).layer_types) if t == ATTENTION]
+
+
 def _mark(directory: Path, settings: dict) -> None:
     from mamtra_cli.checkpoints import write_json_atomic
 
@@ -156,9 +180,11 @@ def _mark(directory: Path, settings: dict) -> None:
 
 
 def build_hybrids(out: Path, work: Path | None = None, ratios: tuple[str, ...] = RATIOS, recipe: Recipe = Recipe(),
-                  jobs: int = 2, seed: int = 0, force: bool = False, placement: str = "uniform",
+                  jobs: int = 2, seed: int = 0, force: bool = False, placement: str | None = None,
                   console=None) -> dict:
     """Pseudo-label → (transfer → distill → score) per ratio → pack, into `out/<name>/` for every ratio.
+    `placement` (any of `weight_transfer.PLACEMENTS`) replaces every ratio's shipped placement; the hybrids
+    are then named for it (`hybrid_name`).
     Returns the summary (also printed by the stage): per hybrid its layout, best validation CE and step,
     held-out CE, bytes on disk and seconds, plus the teacher's held-out CE and the shared commands."""
     from mamtra_cli import checkpoints
@@ -181,8 +207,10 @@ def build_hybrids(out: Path, work: Path | None = None, ratios: tuple[str, ...] =
     from mamtra_cli.weight_transfer import attention_layers_for, parse_ratio
 
     layers = ModelConfig.load(BUILTIN_DIR / checkpoints.CONFIG_FILE).num_layers
+    placements = {r: placement or shipped_placement(r) for r in ratios}
     for r in ratios:  # a layout that does not fit the teacher is refused here, not after the pseudo-labels
-        attention_layers_for(layers, parse_ratio(r), placement)
+        pl = placements[r]
+        attention_layers_for(layers, parse_ratio(r), "uniform" if pl == "importance" else pl)
     checkpoints.check_output_dir(out, force)
     work = Path(work) if work is not None else DEFAULT_WORK
     work.mkdir(parents=True, exist_ok=True)
@@ -238,6 +266,7 @@ def build_hybrids(out: Path, work: Path | None = None, ratios: tuple[str, ...] =
 
     def one(ratio: str) -> dict:
         name = hybrid_name(ratio, placement)
+        pl = placements[ratio]
         prefix = f"[{name}] "
         base = work / name
         base.mkdir(exist_ok=True)
@@ -246,10 +275,14 @@ def build_hybrids(out: Path, work: Path | None = None, ratios: tuple[str, ...] =
         t = time.time()
         init, kd = base / "init", base / "kd"
         settings = {"teacher_sha256": teacher_sha, "ratio": ratio, "seed": seed}
-        if placement != "uniform":  # the shipped hybrids' settings stay as they were recorded
-            settings["placement"] = placement
+        if pl != "uniform":  # the uniform hybrids' settings stay as they were recorded
+            settings["placement"] = pl
+        probe = []
+        if pl == "importance":  # the layers are chosen by probing the teacher on the real utterances
+            settings["probe_sha256"] = file_sha256(real)
+            probe = ["--probe-data", str(real)]
         if not _phase_done(init, settings):
-            run_stage(["transfer", "--teacher", "mini", "--ratio", ratio, "--placement", placement,
+            run_stage(["transfer", "--teacher", "mini", "--ratio", ratio, "--placement", pl, *probe,
                        "--seed", str(seed), "--out", str(init), "--force", *common], console, commands, [], env, prefix)
             _mark(init, settings)
         seconds["transfer"] = round(time.time() - t, 1)
@@ -291,7 +324,7 @@ def build_hybrids(out: Path, work: Path | None = None, ratios: tuple[str, ...] =
                                             data_dirs["joined-val"], pr.steps, pr.lr, pr.warmup, "last", kdp_settings)
         held_out = run_stage(["score", "--model", str(kdp), "--data", str(test), *common], console, commands, [],
                              env, prefix)
-        return {"name": name, "ratio": ratio, "dir": kdp, "commands": commands, "seconds": seconds,
+        return {"name": name, "ratio": ratio, "placement": pl, "dir": kdp, "commands": commands, "seconds": seconds,
                 "selected": _selected(kd), "selected_prompted": _selected(kdp),
                 "held_out_ce": held_out["ce"], "held_out_accuracy": held_out["accuracy"]}
 
@@ -312,16 +345,17 @@ def build_hybrids(out: Path, work: Path | None = None, ratios: tuple[str, ...] =
                         "prompted_pseudo_train": {"sha256": file_sha256(data_dirs["plp-train"])},
                         "prompted_pseudo_val": {"sha256": file_sha256(data_dirs["plp-val"])},
                         "held_out": {"path": "mini/demo_test.jsonl", "sha256": file_sha256(test)}},
-                parameters={"ratio": r["ratio"], "placement": placement, "recipe": asdict(recipe)},
+                parameters={"ratio": r["ratio"], "placement": r["placement"], "recipe": asdict(recipe)},
                 metrics={"selected": r["selected"], "selected_prompted": r["selected_prompted"],
                          "held_out_ce": r["held_out_ce"],
                          "held_out_accuracy": r["held_out_accuracy"], "teacher_held_out_ce": teacher_ce,
                          "seconds": r["seconds"]},
                 seed=seed, commands=r["commands"],
                 rebuild=f"mamtra build-hybrids --ratios {r['ratio']}"
-                        + ("" if placement == "uniform" else f" --placement {placement}") + " --out DIR")
+                        + ("" if placement is None else f" --placement {placement}") + " --out DIR")
             packed = pack_hybrid(r["dir"], tmp / r["name"], base_dir=BUILTIN_DIR, manifest=manifest)
-            rows.append({"name": r["name"], "ratio": r["ratio"], "placement": placement, "selected": r["selected"],
+            rows.append({"name": r["name"], "ratio": r["ratio"], "placement": r["placement"],
+                         "attention_layers": _attention_layers(r["dir"]), "selected": r["selected"],
                          "selected_prompted": r["selected_prompted"],
                          "held_out_ce": round(r["held_out_ce"], 4),
                          "ce_vs_teacher": round(r["held_out_ce"] / teacher_ce - 1, 4),

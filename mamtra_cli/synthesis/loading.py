@@ -90,7 +90,7 @@ def _build_backend(model: Optional[str], assets: Optional[Path], device: str, lm
     from mamtra_cli.synthesis import backend as B
 
     if model is None or model == "mini":
-        if assets is not None:
+        if assets is not None and str(assets) != "mini":  # `--assets mini` names the codec it already has
             raise UserError("The built-in mini voice carries its own codec; drop --assets.")
         return default_backend(device, lm_dtype, max_new_tokens)
     check_model_exists(model)

@@ -133,6 +133,35 @@ def test_pocketsphinx_fallback_and_existing_wavs(tmp_path, capsys):
     assert s["systems"][0]["wer"] > 0  # the prompts say other sentences than the rows
 
 
+def test_baseline_gives_each_system_its_paired_gap(tmp_path, capsys):
+    pytest.importorskip("pocketsphinx")
+    items = load_eval_list("mini-heldout").items[:4]
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    for i, it in enumerate(items):
+        shutil.copy(it.ref, a / f"{it.utt}.wav")
+        shutil.copy(items[(i + 1) % len(items)].ref, b / f"{it.utt}.wav")  # another row's prompt: other words
+    args = ["eval", "--list", "mini-heldout", "--wavs", f"a={a}", "--wavs", f"b={b}", "--wavs", f"a2={a}",
+            "--no-ground-truth", "--asr", "pocketsphinx", "--sim", "none", "--limit", "4"]
+    code, stdout, err = run(args + ["--baseline", "a", "--out", str(tmp_path / "ev"), "--json"], capsys)
+    assert code == 0, err
+    s = json.loads(stdout)
+    by = {x["name"]: x for x in s["systems"]}
+    assert s["baseline"] == "a" and "wer_vs_baseline" not in by["a"]
+    rows = [json.loads(line) for line in (tmp_path / "ev" / "utterances.jsonl").read_text().splitlines()]
+    wer = {(r["system"], r["utt"]): r["wer"] for r in rows}
+    gap = np.mean([wer[("b", it.utt)] - wer[("a", it.utt)] for it in items])
+    assert by["b"]["wer_vs_baseline"]["delta"] == pytest.approx(gap, abs=1e-12)
+    lo, hi = by["b"]["wer_vs_baseline"]["ci95"]
+    assert lo <= gap <= hi and by["b"]["wer_vs_baseline"]["rows"] == 4
+    assert by["a2"]["wer_vs_baseline"]["ci95"] == [0.0, 0.0]  # the same audio: no gap at all
+    code, stdout, err = run(args + ["--baseline", "a", "--out", str(tmp_path / "ev")], capsys)
+    assert code == 0 and "WER − a [95 % CI]" in stdout and "(baseline)" in stdout
+    code, _, err = run(args + ["--baseline", "teacher", "--out", str(tmp_path / "ev2")], capsys)
+    assert code == 2 and "--baseline teacher" in err and "a, b, a2" in err and not (tmp_path / "ev2").exists()
+
+
 @pytest.mark.parametrize("case", ["fields", "missing-list", "missing-wav-dir", "missing-row-wav", "unreadable-wav",
                                   "nothing", "duplicate-name", "bad-asr", "bad-sim"])
 def test_bad_input_is_one_sentence_and_exit_2(tmp_path, capsys, case):

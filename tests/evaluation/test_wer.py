@@ -44,3 +44,28 @@ def test_whisper_normaliser_folds_numbers_spelling_and_punctuation():
                        n).errors == 0
     assert word_errors("Where is it? It is here.", "Where is it, it's here", n).errors == 0
     assert basic_normalize("Hello, World! It's") == "hello world it's"
+
+
+def test_paired_bootstrap_agrees_with_scipy_and_with_the_obvious_cases():
+    import numpy as np
+
+    from mamtra_cli.evaluation.wer import paired_bootstrap
+
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0, 1, 120)
+    system = np.clip(base + rng.normal(0.08, 0.2, 120), 0, None)
+    got = paired_bootstrap(list(system), list(base), resamples=20_000, seed=3)
+    ref = scipy_stats.bootstrap((system - base,), np.mean, n_resamples=20_000, method="percentile",
+                                confidence_level=0.95, random_state=5).confidence_interval
+    assert got["delta"] == pytest.approx(float(np.mean(system - base)), abs=1e-12)
+    assert got["ci95"][0] == pytest.approx(ref.low, abs=0.006) and got["ci95"][1] == pytest.approx(ref.high, abs=0.006)
+    assert got["ci95"][0] < got["delta"] < got["ci95"][1] and got["rows"] == 120
+    assert paired_bootstrap(list(system), list(base), resamples=20_000, seed=3) == got  # seeded
+    # a constant gap is known exactly; a system against itself is no different
+    shifted = paired_bootstrap(list(base + 0.25), list(base), resamples=500)
+    assert shifted["ci95"] == pytest.approx([0.25, 0.25]) and shifted["p_not_worse"] == 0.0
+    same = paired_bootstrap(list(base), list(base), resamples=500)
+    assert same["delta"] == 0.0 and same["ci95"] == [0.0, 0.0] and same["p_not_worse"] == 1.0
+    with pytest.raises(ValueError):
+        paired_bootstrap([0.1, 0.2], [0.1])

@@ -123,7 +123,9 @@ def test_save_safetensors_writes_sorted_metadata_and_loads_back(tmp_path):
         checkpoints.save_safetensors(tensors, path, dict(reversed(meta.items())) if i % 2 else meta)
         blobs.add(path.read_bytes())
     assert len(blobs) == 1
-    header = json.loads(blobs.pop()[8:].split(b"}}", 1)[0] + b"}}")
+    blob = blobs.pop()
+    n = int.from_bytes(blob[:8], "little")  # safetensors: u64 little-endian header length, then the JSON header
+    header = json.loads(blob[8:8 + n])
     assert list(header["__metadata__"]) == sorted(meta)
     with safe_open(str(tmp_path / "w3.safetensors"), "pt") as f:
         assert f.metadata() == meta
@@ -135,14 +137,15 @@ def test_the_shipped_hybrids_are_what_the_documented_command_builds():
     shipped hybrid packed under another recipe would not be what that command rebuilds."""
     from dataclasses import asdict
 
-    from mamtra_cli.mini.build_hybrids import RATIOS, Recipe
+    from mamtra_cli.mini.build_hybrids import RATIOS, Recipe, shipped_placement
 
     expected = json.loads(json.dumps(asdict(Recipe())))  # tuples → lists, as in the manifest
     for ratio in RATIOS:
         name = "mini-" + ratio.replace(":", "-")
         manifest = json.loads((SHIPPED_DIR / name / "manifest.json").read_text())
         assert manifest["parameters"]["recipe"] == expected, name
-        assert manifest["parameters"]["ratio"] == ratio and manifest["parameters"]["placement"] == "uniform"
+        assert manifest["parameters"]["ratio"] == ratio
+        assert manifest["parameters"]["placement"] == shipped_placement(ratio), name
 
 
 def test_names_are_the_complete_folders_in_ratio_order(tmp_path, monkeypatch):
@@ -324,6 +327,27 @@ def test_pseudo_label_and_eval_rows_by_name(tmp_path, capsys):
     assert code == 0, err
     (system,) = parse_systems([NAME], [], False, False, load_eval_list("mini-heldout"))
     assert system.name == NAME and system.source == NAME
+
+
+def test_eval_assets_go_only_to_the_models_that_borrow_a_codec(tmp_path):
+    """One --assets serves a mixed evaluation: the built-in voice, a shipped hybrid and a bundle carry their own
+    codec (the built-in voice refused any --assets, which stopped `eval --model mini --model h=DIR --assets mini`
+    after the other rows had been scored)."""
+    from mamtra_cli.evaluation.lists import load_eval_list
+    from mamtra_cli.evaluation.runner import parse_systems
+    from mamtra_cli.synthesis.backend import BUNDLE_FILE
+    from mamtra_cli.synthesis.loading import resolve_backend
+
+    hybrid, bundle = tmp_path / "hybrid", tmp_path / "bundle"
+    hybrid.mkdir()
+    bundle.mkdir()
+    (bundle / BUNDLE_FILE).write_text("{}\n")
+    systems = parse_systems(["mini", NAME, f"h={hybrid}", f"b={bundle}"], [], False, False,
+                            load_eval_list("mini-heldout"), assets=Path("mini"))
+    assert [s.assets for s in systems] == [None, None, Path("mini"), None]
+    assert resolve_backend("mini", Path("mini")).lm is not None  # the codec it already has
+    with pytest.raises(UserError, match="drop --assets"):
+        resolve_backend("mini", tmp_path)
 
 
 @pytest.mark.parametrize("args", [["score", "--model", "mini-1-7", "--data", "DATA"],

@@ -67,6 +67,13 @@ def test_build_hybrids_toy_end_to_end(tmp_path, monkeypatch):
     _, val = read_manifest(work / "joined" / "val.jsonl")  # pseudo-labels + joined pairs + prompted pseudo-labels
     assert sum(u.utt.startswith("plp_") for u in val) == 3 and sum(u.utt.startswith("joined-val") for u in val) == 4
     assert manifest["parameters"]["recipe"]["train"] == "mamba" and manifest["base"]["name"] == "mini"
+    # 1:3 keeps the attention layers the teacher leans on most, probed on the real utterances
+    transfer_cmd = manifest["commands"][6]
+    assert "--placement importance" in transfer_cmd and "--probe-data" in transfer_cmd
+    assert manifest["parameters"]["placement"] == "importance"
+    probe = checkpoints.read_manifest(work / "mini-1-3" / "init")["parameters"]["probe"]
+    ranked = sorted(probe["layers"], key=lambda r: (-r["ce_increase"], r["layer"]))
+    assert row["attention_layers"] == sorted(r["layer"] for r in ranked[:3]) and probe["utterances"] == 400
     assert all(len(manifest["inputs"][k]["sha256"]) == 64 for k in ("real_data", "pseudo_train", "pseudo_val",
                                                                    "joined_train", "joined_val",
                                                                    "prompted_pseudo_train", "prompted_pseudo_val"))
@@ -93,10 +100,12 @@ def test_bad_ratios_are_one_sentence_before_any_work(args, expect, tmp_path, cap
     assert not (tmp_path / "w" / "pl-train").exists() and not (tmp_path / "o").exists()
 
 
-def test_a_placement_other_than_uniform_is_named():
+def test_a_placement_other_than_the_shipped_one_is_named():
     from mamtra_cli.mini.build_hybrids import hybrid_name
 
-    assert hybrid_name("1:3") == hybrid_name("1:3", "uniform") == "mini-1-3"
+    assert hybrid_name("1:3") == hybrid_name("1:3", "importance") == "mini-1-3"
+    assert hybrid_name("1:1") == hybrid_name("1:1", "uniform") == "mini-1-1"
+    assert hybrid_name("1:3", "uniform") == "mini-1-3-uniform"
     assert hybrid_name("1:3", "front") == "mini-1-3-front"
 
 
