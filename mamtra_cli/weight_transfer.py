@@ -45,9 +45,7 @@ def attention_layers_for(num_layers: int, k: int, placement: str,
                          importance: list[dict] | None = None) -> list[int]:
     """The attention layers of a 1:k layout. `importance` (`layer_importance`'s records) is what the
     `importance` placement ranks by: the L/(k+1) layers with the largest CE increase, ties to the lower index."""
-    if placement not in PLACEMENTS:
-        raise UserError(f"Unknown --placement {placement!r}; use one of {', '.join(PLACEMENTS)} "
-                        "or --attention-layers.")
+    check_placement(placement, probe_given=importance is not None)
     if num_layers % (k + 1):
         raise UserError(f"Ratio 1:{k} does not divide the teacher's {num_layers} layers "
                         f"({num_layers} is not a multiple of {k + 1}); choose another ratio or --attention-layers.")
@@ -59,15 +57,22 @@ def attention_layers_for(num_layers: int, k: int, placement: str,
     if placement == "front":
         return list(range(n_attn))
     if placement == "importance":
-        if importance is None:
-            raise UserError("--placement importance measures every layer on data; give --probe-data MANIFEST "
-                            "(a few dozen utterances of the teacher's kind).")
         if len(importance) < n_attn:
             raise UserError(f"Ratio 1:{k} keeps {n_attn} attention layers but the teacher has only "
                             f"{len(importance)}; choose a higher k.")
         ranked = sorted(importance, key=lambda r: (-r["ce_increase"], r["layer"]))
         return sorted(r["layer"] for r in ranked[:n_attn])
     return list(range(num_layers - n_attn, num_layers))
+
+
+def check_placement(placement: str, probe_given: bool) -> None:
+    """One sentence for an unknown placement, or for `importance` without the data it measures on."""
+    if placement not in PLACEMENTS:
+        raise UserError(f"Unknown --placement {placement!r}; use one of {', '.join(PLACEMENTS)} "
+                        "or --attention-layers.")
+    if placement == "importance" and not probe_given:
+        raise UserError("--placement importance measures every layer on data; give --probe-data MANIFEST "
+                        "(a few dozen utterances of the teacher's kind).")
 
 
 def layer_importance(teacher: SpeechLM, utts: list, seed: int = 0, batch_size: int = 8,
@@ -87,8 +92,7 @@ def layer_importance(teacher: SpeechLM, utts: list, seed: int = 0, batch_size: i
     if not utts:
         raise UserError("The --probe-data manifest has no utterances; give a few dozen.")
     base = score_utterances(teacher, utts, batch_size=batch_size)["ce"]
-    types = teacher.config.layer_types
-    attention = [i for i, t in enumerate(types) if t == ATTENTION]
+    attention = teacher.config.attention_layers
     records = []
     for i in attention:
         student, _ = transfer(teacher, [j for j in attention if j != i], init="reused", seed=seed)
@@ -240,17 +244,14 @@ def transfer_to_dir(teacher: str | Path, out: Path, ratio: str | None = None, pr
         attention_layers = ",".join(str(i) for i in attention_layers)
     checkpoints.check_output_dir(out, force)
     k = parse_ratio(ratio) if ratio is not None else None
-    if placement not in PLACEMENTS:
-        attention_layers_for(2, 1, placement)  # the one message for an unknown placement
-    if probe_data is not None and (placement != "importance" or ratio is None):
+    probing = placement == "importance" and ratio is not None
+    check_placement(placement, probe_given=probe_data is not None or not probing)
+    if probe_data is not None and not probing:
         raise UserError("--probe-data is read only by --ratio with --placement importance; drop it or use both.")
-    probe_utts = None
-    if placement == "importance" and ratio is not None:
-        if probe_data is None:
-            attention_layers_for(2, 1, placement)  # says to give --probe-data
-        from mamtra_cli.data_manifest import read_manifest
+    if probing:
+        from mamtra_cli.data_manifest import manifest_files
 
-        _, probe_utts = read_manifest(Path(probe_data))  # before the teacher loads: a bad file fails fast
+        manifest_files(Path(probe_data))  # a missing file fails before the teacher loads
 
     with console.status("loading teacher"):
         model, info = load_teacher(str(teacher), config_json)
@@ -268,17 +269,16 @@ def transfer_to_dir(teacher: str | Path, out: Path, ratio: str | None = None, pr
         placement_used = prof.get("placement", "explicit")
     else:
         importance = None
-        if probe_utts is not None:
+        if probing:
+            from mamtra_cli.data_manifest import read_manifest
             from mamtra_cli.scoring import check_utterance_lengths
 
-            from mamtra_cli.data_manifest import read_manifest
-
-            cfg = model.config  # read again with the teacher's vocabularies: a token it has no row for is refused
+            cfg = model.config  # read with the teacher's vocabularies: a token it has no row for is refused
             _, probe_utts = read_manifest(Path(probe_data), text_vocab=cfg.text_vocab_size,
                                           speech_vocab=cfg.speech_token_size)
             check_utterance_lengths(probe_utts, cfg.max_position_embeddings, str(probe_data))
             attention_layers_for(n, k, "uniform")  # a ratio that does not divide is refused before the probe
-            n_attn = sum(t == ATTENTION for t in model.config.layer_types)
+            n_attn = len(cfg.attention_layers)
             with console.status(f"probing {n_attn} attention layers on {len(probe_utts)} utterances") as st:
                 importance = layer_importance(model, probe_utts, seed=seed,
                                               progress=lambda i: st.update(f"probed layer {i} of {n_attn}"))

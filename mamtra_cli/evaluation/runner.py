@@ -131,9 +131,15 @@ def parse_systems(models: list[str], wavs: list[str], ground_truth: bool | None,
     return systems
 
 
-def check_system_inputs(lst: EvalList, systems: list[System], limit: int | None = None) -> None:
-    """Cheap checks before any model loads: every row has a readable UTT.wav in each --wavs folder."""
+def check_system_inputs(lst: EvalList, systems: list[System], limit: int | None = None,
+                        baseline: str | None = None) -> None:
+    """Cheap checks before any model loads: `baseline` names one of the systems, and every row has a readable
+    UTT.wav in each --wavs folder."""
     import soundfile as sf
+
+    if baseline is not None and baseline not in [s.name for s in systems]:
+        raise UserError(f"--baseline {baseline} is not one of the systems evaluated "
+                        f"({', '.join(s.name for s in systems)}); give one of their names.")
 
     items = lst.items[:limit] if limit else lst.items
     for system in systems:
@@ -263,10 +269,7 @@ def evaluate(lst: EvalList, systems: list[System], out: Path, asr, speaker_model
     from mamtra_cli.frontend.audio import load_audio
 
     items = lst.items[: limit] if limit else lst.items
-    check_system_inputs(lst, systems, limit)
-    if baseline is not None and baseline not in [s.name for s in systems]:
-        raise UserError(f"--baseline {baseline} is not one of the systems evaluated "
-                        f"({', '.join(s.name for s in systems)}); give one of their names.")
+    check_system_inputs(lst, systems, limit, baseline)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory; choose a folder for the evaluation.")
@@ -602,10 +605,7 @@ def evaluate_list(list_spec: str | Path, out: Path, model: list[str] | str = (),
         raise UserError(f"--assets {assets} is not a directory; pass mini or a CosyVoice 2 model directory.")
     codec = [codec] if isinstance(codec, (str, Path)) else [str(c) for c in codec]
     systems = parse_systems(model, wavs, ground_truth, codec_resynthesis, lst, assets, codec)
-    check_system_inputs(lst, systems, limit or None)
-    if baseline is not None and baseline not in [s.name for s in systems]:  # before the recogniser loads
-        raise UserError(f"--baseline {baseline} is not one of the systems evaluated "
-                        f"({', '.join(s.name for s in systems)}); give one of their names.")
+    check_system_inputs(lst, systems, limit or None, baseline)  # before the recogniser loads
     with console.status("loading the recogniser and the speaker model"):
         recogniser = load_asr(asr, threads=max(1, threads), batch_size=batch_size)
         dirs = [Path(a) for a in [assets] if a is not None and not is_builtin(a)]

@@ -168,9 +168,9 @@ def _selected(model_dir: Path) -> dict | None:
 
 def _attention_layers(model_dir: Path) -> list[int]:
     from mamtra_cli.checkpoints import CONFIG_FILE
-    from mamtra_cli.models.config import ATTENTION, ModelConfig
+    from mamtra_cli.models.config import ModelConfig
 
-    return [i for i, t in enumerate(ModelConfig.load(Path(model_dir) / CONFIG_FILE).layer_types) if t == ATTENTION]
+    return ModelConfig.load(Path(model_dir) / CONFIG_FILE).attention_layers
 
 
 def _mark(directory: Path, settings: dict) -> None:
