@@ -15,7 +15,7 @@ import torch
 
 from mamtra_cli.data_manifest import Utterance
 from mamtra_cli.errors import UserError
-from mamtra_cli.models.speech_lm import IGNORE_ID, SpeechLM
+from mamtra_cli.models.speech_lm import SpeechLM
 
 
 def pad_batch(utts: list[Utterance]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,16 +58,8 @@ def score_utterances(model: SpeechLM, utts: list[Utterance], batch_size: int = 8
     ce_total, tokens_total, correct_total = 0.0, 0, 0
     for start in range(0, len(order), batch_size):
         batch = [utts[i] for i in order[start:start + batch_size]]
-        if prompt_speech:
-            text, tl, speech, sl = pad_batch(batch)
-            embeds, _, targets = model.unistream_inputs(text, tl, speech, sl)  # targets (B, L)
-            for j, u in enumerate(batch):  # speech target k sits at 1 + T + k
-                p = prompt_speech.get(u.utt, 0)
-                targets[j, 1 + len(u.text_tokens): 1 + len(u.text_tokens) + p] = IGNORE_ID
-            hidden = model.backbone(embeds)
-            out = model.loss_from_logits(model.llm_decoder(hidden), targets, hidden)
-        else:
-            out = model.forward_train(*pad_batch(batch))
+        prompt_lens = [prompt_speech.get(u.utt, 0) for u in batch] if prompt_speech else None
+        out = model.forward_train(*pad_batch(batch), prompt_lens=prompt_lens)
         for j, u in enumerate(batch):
             n = int(out.tokens_per_row[j])
             ce = float(out.ce_per_row[j])

@@ -25,7 +25,7 @@ decoder weights).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +85,10 @@ class CodecConfig:
         d = yaml.safe_load(Path(path).read_text())
         d.pop("token_rate_hz", None)
         d["decoder_dilations"] = tuple(d["decoder_dilations"])
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UserError(f"{path}: unknown setting(s) {', '.join(unknown)}; the codec was written by a newer "
+                            "MamTra (upgrade) or the file was edited.")
         cfg = cls(**d)
         if cfg.quantizer not in ("kmeans", "fsq"):
             raise UserError(f"{path}: quantizer must be kmeans or fsq, not {cfg.quantizer!r}.")

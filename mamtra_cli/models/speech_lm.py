@@ -59,14 +59,18 @@ class SpeechLM(nn.Module):
         self.llm_decoder = nn.Linear(h, config.decoder_classes, bias=True)
 
     # ---------------------------------------------------------------- layout
-    def unistream_inputs(self, text_tokens, text_lens, speech_tokens, speech_lens):
+    def unistream_inputs(self, text_tokens, text_lens, speech_tokens, speech_lens, prompt_lens=None):
         """Right-padded batch → (inputs_embeds (B, L, H), lengths (B,), targets (B, L)).
 
-        text_tokens (B, T_max), speech_tokens (B, S_max) LongTensors; *_lens (B,)."""
+        text_tokens (B, T_max), speech_tokens (B, S_max) LongTensors; *_lens (B,). prompt_lens (B,) or None:
+        row i's first prompt_lens[i] speech tokens are a prompt, as in a zero-shot request ([sos, prompt text ++
+        text, task_id, prompt speech, speech]): they are read but are not targets (IGNORE_ID), so a loss covers
+        the continuation and its eos alone."""
         b = text_tokens.shape[0]
         device = self.text_embedding.weight.device
         text_tokens, speech_tokens = text_tokens.to(device), speech_tokens.to(device)
         text_lens, speech_lens = text_lens.tolist(), speech_lens.tolist()
+        prompt_lens = [0] * b if prompt_lens is None else [int(p) for p in prompt_lens]
         lengths = [2 + t + s for t, s in zip(text_lens, speech_lens)]
         L = max(lengths)
         text_emb = self.text_embedding(text_tokens)  # (B, T_max, H)
@@ -78,15 +82,17 @@ class SpeechLM(nn.Module):
             t, s = text_lens[i], speech_lens[i]
             row = torch.cat([sos[None], text_emb[i, :t], task[None], speech_emb[i, :s]], dim=0)
             rows.append(F.pad(row, (0, 0, 0, L - row.shape[0])))
-            targets[i, 1 + t: 1 + t + s] = speech_tokens[i, :s]
+            p = min(prompt_lens[i], s)
+            targets[i, 1 + t + p: 1 + t + s] = speech_tokens[i, p:s]  # speech target k sits at 1 + t + k
             targets[i, 1 + t + s] = self.config.eos_id
         return torch.stack(rows), torch.tensor(lengths, device=device), targets
 
     def forward_embeds(self, inputs_embeds, attention_mask=None, cache: HybridCache | None = None):
         return self.backbone(inputs_embeds, attention_mask, cache)
 
-    def forward_train(self, text_tokens, text_lens, speech_tokens, speech_lens) -> TrainOutput:
-        embeds, _, targets = self.unistream_inputs(text_tokens, text_lens, speech_tokens, speech_lens)
+    def forward_train(self, text_tokens, text_lens, speech_tokens, speech_lens, prompt_lens=None) -> TrainOutput:
+        """Teacher-forced loss of a right-padded batch; `prompt_lens` as in `unistream_inputs`."""
+        embeds, _, targets = self.unistream_inputs(text_tokens, text_lens, speech_tokens, speech_lens, prompt_lens)
         # Right padding needs no mask: every real position precedes the padding of its row, and both
         # attention (causal) and Mamba (causal scan) only look back, so padding cannot reach a real target.
         hidden = self.backbone(embeds)

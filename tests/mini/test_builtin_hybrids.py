@@ -133,17 +133,18 @@ def test_save_safetensors_writes_sorted_metadata_and_loads_back(tmp_path):
 
 
 def test_the_shipped_hybrids_are_what_the_documented_command_builds():
-    """`mamtra build-hybrids --out mamtra_cli/builtin/hybrids --force` (README) runs the default Recipe: a
-    shipped hybrid packed under another recipe would not be what that command rebuilds."""
+    """`mamtra build-hybrids --out mamtra_cli/builtin/hybrids --force` (README) runs each ratio's shipped recipe
+    and placement: a shipped hybrid packed under others would not be what that command rebuilds."""
     from dataclasses import asdict
 
-    from mamtra_cli.mini.build_hybrids import RATIOS, Recipe, shipped_placement
+    from mamtra_cli.mini.build_hybrids import RATIOS, shipped_placement, shipped_recipe
 
-    expected = json.loads(json.dumps(asdict(Recipe())))  # tuples → lists, as in the manifest
     for ratio in RATIOS:
         name = "mini-" + ratio.replace(":", "-")
         manifest = json.loads((SHIPPED_DIR / name / "manifest.json").read_text())
+        expected = json.loads(json.dumps(asdict(shipped_recipe(ratio))))  # tuples → lists, as in the manifest
         assert manifest["parameters"]["recipe"] == expected, name
+        assert manifest["rebuild"] == f"mamtra build-hybrids --ratios {ratio} --out DIR", name
         assert manifest["parameters"]["ratio"] == ratio
         assert manifest["parameters"]["placement"] == shipped_placement(ratio), name
 

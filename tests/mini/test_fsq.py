@@ -93,6 +93,9 @@ def test_codec_yaml_checks(tmp_path):
     lines = [ln for ln in text.splitlines() if not ln.startswith(("quantizer", "fsq_"))]
     (tmp_path / CODEC_CONFIG).write_text("\n".join(lines).replace("codebook_size: 81", "codebook_size: 8") + "\n")
     assert CodecConfig.load(tmp_path / CODEC_CONFIG).quantizer == "kmeans"
+    (tmp_path / CODEC_CONFIG).write_text(text + "vocoder: hifigan\n")  # a setting this version does not know
+    with pytest.raises(UserError, match="unknown setting.*vocoder"):
+        MiniCodec.load(tmp_path)
 
 
 def test_training_reconstructs_better_than_the_untrained_tokenizer():

@@ -114,6 +114,29 @@ def test_unistream_layout_and_targets():
     torch.testing.assert_close(embeds[0, 5:7], w.speech_embedding.weight[[7, 8]])
 
 
+def test_prompt_speech_is_read_but_not_scored():
+    # a row whose first P speech tokens are a prompt: its targets start at speech token P, the inputs are the
+    # same, and the loss covers the continuation + eos alone (P beyond the speech = nothing but eos)
+    model = make_model(LAYOUTS["hybrid"])
+    text = torch.tensor([[3, 4, 5], [6, 7, 0]])
+    speech = torch.tensor([[7, 8, 9, 10], [11, 12, 13, 0]])
+    tl, sl = torch.tensor([3, 2]), torch.tensor([4, 3])
+    plain_emb, _, plain = model.unistream_inputs(text, tl, speech, sl)
+    emb, _, targets = model.unistream_inputs(text, tl, speech, sl, prompt_lens=[2, 5])
+    torch.testing.assert_close(emb, plain_emb)
+    eos = model.config.eos_id
+    assert targets[0].tolist() == [IGNORE_ID] * 6 + [9, 10, eos]
+    assert targets[1].tolist() == [IGNORE_ID] * 6 + [eos, IGNORE_ID, IGNORE_ID]  # 2 + 2 + 3 of 9 positions
+    full = model.forward_train(text, tl, speech, sl)
+    out = model.forward_train(text, tl, speech, sl, prompt_lens=[2, 5])
+    logp = full.logits.float().log_softmax(-1)
+    assert out.tokens_per_row.tolist() == [3, 1]
+    torch.testing.assert_close(out.ce_per_row[0], -(logp[0, 6, 9] + logp[0, 7, 10] + logp[0, 8, eos]))
+    torch.testing.assert_close(out.ce_per_row[1], -logp[1, 6, eos])
+    zero = model.forward_train(text, tl, speech, sl, prompt_lens=[0, 0])
+    torch.testing.assert_close(zero.ce_per_row, full.ce_per_row)
+
+
 def test_generate_is_seeded_and_batch_rows_equal_single_runs():
     model = make_model(LAYOUTS["hybrid"])
     req = ([1, 2, 3, 4], [5, 6], [7, 8, 9])

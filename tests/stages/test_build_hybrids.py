@@ -67,6 +67,7 @@ def test_build_hybrids_toy_end_to_end(tmp_path, monkeypatch):
     _, val = read_manifest(work / "joined" / "val.jsonl")  # pseudo-labels + joined pairs + prompted pseudo-labels
     assert sum(u.utt.startswith("plp_") for u in val) == 3 and sum(u.utt.startswith("joined-val") for u in val) == 4
     assert manifest["parameters"]["recipe"]["train"] == "mamba" and manifest["base"]["name"] == "mini"
+    assert manifest["rebuild"] == "mamtra build-hybrids --ratios 1:3 --toy --out DIR" and row["steps"] == 2
     # 1:3 keeps the attention layers the teacher leans on most, probed on the real utterances
     transfer_cmd = manifest["commands"][6]
     assert "--placement importance" in transfer_cmd and "--probe-data" in transfer_cmd
@@ -104,9 +105,26 @@ def test_a_placement_other_than_the_shipped_one_is_named():
     from mamtra_cli.mini.build_hybrids import hybrid_name
 
     assert hybrid_name("1:3") == hybrid_name("1:3", "importance") == "mini-1-3"
-    assert hybrid_name("1:1") == hybrid_name("1:1", "uniform") == "mini-1-1"
+    assert hybrid_name("1:1") == hybrid_name("1:1", "importance") == "mini-1-1"
+    assert hybrid_name("1:1", "uniform") == "mini-1-1-uniform"
     assert hybrid_name("1:3", "uniform") == "mini-1-3-uniform"
     assert hybrid_name("1:3", "front") == "mini-1-3-front"
+
+
+def test_each_shipped_hybrid_has_its_recipe_and_changes_apply_on_top_of_it():
+    from dataclasses import asdict, replace
+
+    from mamtra_cli.mini.build_hybrids import SHIPPED_STEPS, Recipe, _recipe_options, shipped_recipe
+
+    assert SHIPPED_STEPS and all(v != Recipe().steps for v in SHIPPED_STEPS.values())
+    for k in (1, 3, 5, 11):
+        r = shipped_recipe(f"1:{k}")
+        assert r == replace(Recipe(), steps=SHIPPED_STEPS.get(k, Recipe().steps))
+        assert _recipe_options(asdict(r), f"1:{k}") == ""  # the shipped recipe needs no option to rebuild
+    k = next(iter(SHIPPED_STEPS))
+    changed = asdict(replace(shipped_recipe(f"1:{k}"), count=100, lr=1e-3))
+    assert _recipe_options(changed, f"1:{k}") == " --count 100 --lr 0.001"  # the steps stay the shipped ones
+    assert _recipe_options(asdict(Recipe()), f"1:{k}") == f" --steps {Recipe().steps}"
 
 
 def test_joined_pairs_join_two_utterances_of_one_speaker():
