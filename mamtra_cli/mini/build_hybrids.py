@@ -10,7 +10,7 @@ hybrid's manifest lists the exact commands that made it, and any of them can be 
                    and for `val_count` others (the validation set that picks the weights)     work/pl-train, pl-val
                    and, for phase 3b, continues real prompts (`--prompts`) for others     work/plp-train, plp-val
   2. transfer      teacher → hybrid 1:k, Mamba layers initialised from attention (C←Q, B←K, x←V), the
-                   attention layers placed as SHIPPED_PLACEMENTS says (`importance`: probed on the 400 real
+                   attention layers placed as SHIPPED_PLACEMENT says (`importance`: probed on the 400 real
                    utterances, `weight_transfer.layer_importance`)                           work/<name>/init
   3. distill       on the 400 shipped real utterances + the pseudo-labelled ones; only the Mamba layers train
                    (everything else stays the teacher's, which is what lets a hybrid ship as its Mamba layers
@@ -42,14 +42,14 @@ from pathlib import Path
 from mamtra_cli.errors import UserError
 
 RATIOS = ("1:1", "1:3", "1:5", "1:11")
-# Where each shipped hybrid keeps its attention layers (k of 1:k → placement). The mini teacher leans on its
+# Where the shipped hybrids keep their attention layers. The mini teacher leans on its
 # bottom half: replacing layer 5 or 0 alone by its transferred Mamba raised the CE of the 400 real utterances
 # from 2.72 to 6.36 / 6.32, layer 9 or 11 only to 3.41 / 3.63 (`mamtra transfer --placement importance`).
 # `uniform` keeps 3, 7, 11 at 1:3, 5, 11 at 1:5 and 11 alone at 1:11: Whisper WER 0.957, 0.635, 1.080 against the
 # teacher's 0.531 on the held-out list; `importance` keeps 0, 3, 5 / 0, 5 / 5: 0.663, 0.588, 0.651 (same recipe).
 # At 1:1, where uniform keeps layer 5 too, importance (0, 1, 2, 3, 5, 8) gave 0.610 against uniform's 0.639 (1, 3, …,
 # 11); issue 13's notes give the measurements.
-SHIPPED_PLACEMENTS = {1: "importance", 3: "importance", 5: "importance", 11: "importance"}
+SHIPPED_PLACEMENT = "importance"
 # Phase-3 steps of the shipped hybrids that train longer than Recipe.steps. mini-1-3 (0, 3, 5) was still improving
 # at 600 (validation CE 2.898, best = last); at 1200 it reached 2.794, and Whisper WER on the held-out list fell
 # from 0.663 to 0.599 (paired 95 % interval of the change −0.127 to −0.001; teacher 0.531). The other ratios were
@@ -150,10 +150,11 @@ def shipped_recipe(ratio: str) -> Recipe:
 
 
 def shipped_placement(ratio: str) -> str:
-    """The placement of the shipped hybrid of `ratio` (SHIPPED_PLACEMENTS; `uniform` for other ratios)."""
+    """The placement of the shipped hybrid of `ratio`: SHIPPED_PLACEMENT for every ratio (a bad ratio is refused)."""
     from mamtra_cli.weight_transfer import parse_ratio
 
-    return SHIPPED_PLACEMENTS.get(parse_ratio(ratio), "uniform")
+    parse_ratio(ratio)
+    return SHIPPED_PLACEMENT
 
 
 def hybrid_name(ratio: str, placement: str | None = None) -> str:
@@ -234,7 +235,7 @@ def build_hybrids(out: Path, work: Path | None = None, ratios: tuple[str, ...] =
     layers = ModelConfig.load(BUILTIN_DIR / checkpoints.CONFIG_FILE).num_layers
     placements = {r: placement or shipped_placement(r) for r in ratios}
     recipes = {r: recipe or replace(shipped_recipe(r), **(recipe_changes or {})) for r in ratios}
-    recipe = recipes[ratios[0]]  # the shared part (pseudo-label sets, phase 3b): the same in every one
+    shared = recipes[ratios[0]]  # what every hybrid of the build shares: pseudo-label sets, phase 3b
     for r in ratios:  # a layout that does not fit the teacher is refused here, not after the pseudo-labels
         pl = placements[r]
         attention_layers_for(layers, parse_ratio(r), "uniform" if pl == "importance" else pl)
@@ -251,8 +252,8 @@ def build_hybrids(out: Path, work: Path | None = None, ratios: tuple[str, ...] =
     # four are independent one-thread generations (pl-train 6000 and plp-train 3000 are ~12 and ~8 minutes)
     shared_commands: list[str] = []
     data_dirs = {}
-    pr = recipe.prompted
-    sets = (("pl-train", recipe.count, seed, False), ("pl-val", recipe.val_count, seed + 1_000_003, False),
+    pr = shared.prompted
+    sets = (("pl-train", shared.count, seed, False), ("pl-val", shared.val_count, seed + 1_000_003, False),
             ("plp-train", pr.labels, seed + 50_000, True), ("plp-val", pr.val_labels, seed + 3_000_003, True))
 
     def label(key: str, count: int, data_seed: int, prompted: bool) -> list[str]:
@@ -362,7 +363,8 @@ def build_hybrids(out: Path, work: Path | None = None, ratios: tuple[str, ...] =
                                             data_dirs["joined-val"], pr.steps, pr.lr, pr.warmup, "last", kdp_settings)
         held_out = run_stage(["score", "--model", str(kdp), "--data", str(test), *common], console, commands, [],
                              env, prefix)
-        return {"name": name, "ratio": ratio, "placement": pl, "recipe": asdict(recipe), "dir": kdp, "commands": commands, "seconds": seconds,
+        return {"name": name, "ratio": ratio, "placement": pl, "recipe": asdict(recipe), "dir": kdp,
+                "commands": commands, "seconds": seconds,
                 "selected": _selected(kd), "selected_prompted": _selected(kdp),
                 "held_out_ce": held_out["ce"], "held_out_accuracy": held_out["accuracy"]}
 
@@ -401,5 +403,5 @@ def build_hybrids(out: Path, work: Path | None = None, ratios: tuple[str, ...] =
                          "ce_vs_teacher": round(r["held_out_ce"] / teacher_ce - 1, 4),
                          "bytes": packed["own_bytes"], "own_tensors": packed["own_tensors"], "seconds": r["seconds"]})
     return {"out": str(out), "work": str(work), "teacher_held_out_ce": round(teacher_ce, 4), "hybrids": rows,
-            "recipe": asdict(recipe) if len({json.dumps(r["recipe"]) for r in results}) == 1 else None,
+            "recipe": results[0]["recipe"] if all(r["recipe"] == results[0]["recipe"] for r in results) else None,
             "seed": seed, "seconds": round(time.time() - t_start, 1)}
